@@ -1,0 +1,202 @@
+"""Estimator machinery shared by the regressor and the classifier.
+
+Everything that touches scikit-learn conventions lives here or in the estimator
+modules: parameter constraints, input validation, the private network copy, the
+numpy <-> torch boundary. The numerical core (``_jacobian``, ``_operators``, ``_cg``,
+``_posterior``) sees torch tensors only.
+"""
+
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import validate_data
+
+from ._jacobian import JacobianProducts, explicit_jacobian, outputs_and_jvp
+from ._network import FunctionalNetwork, default_mlp
+
+# The dense (Cholesky) solver is chosen by ``solver="auto"`` up to this system size.
+DENSE_MAX_SIZE = 4096
+# Memory allowed for cached per-chunk linearizations of the training data.
+LINEARIZATION_CACHE_BYTES = 1 << 30
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _input_hint(module):
+    """What the first weighted layer of ``module`` expects, for error messages."""
+    for layer in module.modules():
+        if hasattr(layer, "in_features"):
+            return f" (its first layer expects {layer.in_features} input features)"
+        if hasattr(layer, "in_channels"):
+            return f" (its first layer expects {layer.in_channels} input channels)"
+    return ""
+
+
+class FiniteNTKBase(BaseEstimator):
+    """Parameters, validation and Jacobian plumbing common to both estimators."""
+
+    _parameter_constraints = {
+        "network": [torch.nn.Module, None],
+        "prior": [Interval(Real, 0, None, closed="neither")],
+        "prior_mean": [StrOptions({"network", "zero"})],
+        "parameters": [list, tuple, None],
+        "solver": [StrOptions({"auto", "dense", "cg"})],
+        "space": [StrOptions({"auto", "function", "parameter"})],
+        "preconditioner": [StrOptions({"auto", "jacobi"}), None],
+        "tol": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 1, None, closed="left"), None],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "dtype": [StrOptions(set(_DTYPES))],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
+
+    # -- conversion -------------------------------------------------------------------
+
+    @property
+    def _torch_dtype(self):
+        return _DTYPES[self.dtype]
+
+    def _tensor(self, array):
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # torch cannot wrap read-only memory
+            array = array.copy()
+        return torch.as_tensor(array, dtype=self._torch_dtype, device=self.device)
+
+    @staticmethod
+    def _numpy(tensor):
+        return tensor.detach().cpu().numpy().astype(np.float64)
+
+    # -- validation -------------------------------------------------------------------
+
+    def _validate_fit_data(self, X, y, **kwargs):
+        X, y = validate_data(
+            self, X, y, allow_nd=True, dtype=[np.float64, np.float32], **kwargs
+        )
+        self.input_shape_ = X.shape[1:]
+        return X, y
+
+    def _validate_predict_X(self, X):
+        X = validate_data(
+            self, X, reset=False, allow_nd=True, dtype=[np.float64, np.float32]
+        )
+        if X.shape[1:] != self.input_shape_:
+            raise ValueError(
+                f"X has per-sample shape {X.shape[1:]}, but "
+                f"{type(self).__name__} was fitted with per-sample shape "
+                f"{self.input_shape_}."
+            )
+        return X
+
+    # -- the network ------------------------------------------------------------------
+
+    def _seed(self):
+        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+
+    def _make_network(self, X, n_outputs):
+        """The private FunctionalNetwork for X, its output count checked.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, ...)
+        n_outputs : int
+            Outputs per sample the targets need.
+        """
+        module = self.network
+        if module is None:
+            n_features = int(np.prod(X.shape[1:]))
+            module = default_mlp(n_features, n_outputs, seed=self._seed())
+            if X.ndim > 2:
+                module = torch.nn.Sequential(torch.nn.Flatten(), module)
+        network = FunctionalNetwork(
+            module, self.parameters, dtype=self._torch_dtype, device=self.device
+        )
+        sample = self._tensor(X[:2])
+        try:
+            with torch.no_grad():
+                out = network(network.theta, sample)
+        except Exception as error:
+            raise ValueError(
+                f"The network cannot be applied to X with per-sample shape "
+                f"{X.shape[1:]}{_input_hint(network.module)}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if out.shape[1] != n_outputs:
+            raise ValueError(self._output_mismatch_message(out.shape[1], n_outputs))
+        return network
+
+    def _output_mismatch_message(self, n_network, n_expected):
+        return (
+            f"The network produces {n_network} output(s) per sample, but y has "
+            f"{n_expected} output(s) per sample."
+        )
+
+    def _training_jacobian(self, X, cache):
+        """JacobianProducts over the training inputs at θ."""
+        return JacobianProducts(
+            self._network,
+            self._network.theta,
+            self._tensor(X),
+            batch_size=self.batch_size,
+            cache_bytes=LINEARIZATION_CACHE_BYTES if cache else 0,
+        )
+
+    def _choose(self, n_rows, n_params):
+        """Resolve ``space="auto"`` (the smaller system) and ``solver="auto"``."""
+        space = self.space
+        if space == "auto":
+            space = "function" if n_rows <= n_params else "parameter"
+        size = n_rows if space == "function" else n_params
+        solver = self.solver
+        if solver == "auto":
+            solver = "dense" if size <= DENSE_MAX_SIZE else "cg"
+        return space, solver
+
+    def _cg_progress(self):
+        """A CG callback printing residuals when ``verbose > 0``."""
+        if not self.verbose:
+            return None
+
+        def report(iteration, residuals):
+            if iteration == 1 or iteration % 10 == 0:
+                print(
+                    f"[{type(self).__name__}] CG iteration {iteration}: "
+                    f"{residuals.numel()} column(s) running, max relative residual "
+                    f"{float(residuals.max()):.3e}"
+                )
+
+        return report
+
+    def _linearized_chunks(self, X):
+        """Yield ``(rows, f(θ, X_rows), J(X_rows) δ)`` over chunks of X (a tensor)."""
+        network, theta = self._network, self._network.theta
+        for start in range(0, X.shape[0], self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            outputs, shift = outputs_and_jvp(
+                network, theta, X[rows], self.delta_, self.forward_mode_
+            )
+            yield rows, outputs, shift
+
+    def _test_jacobian(self, X):
+        """Explicit Jacobian rows of X at θ, shape (m·k, p)."""
+        return explicit_jacobian(self._network, self._network.theta, X).flatten(0, 1)
+
+    @property
+    def network_(self):
+        """The private eval-mode copy of the network (parameters at θ)."""
+        return self._network.module
+
+    @property
+    def n_params_(self):
+        """Number of linearized parameters p."""
+        return self._network.n_params

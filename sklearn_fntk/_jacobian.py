@@ -1,0 +1,202 @@
+"""Matrix-free products with the network Jacobian J = ∂f(w, X)/∂w at w = θ.
+
+J is (n·k) x p for n samples and k outputs; it is never formed whole. Products stream
+the data in chunks of ``batch_size`` samples:
+
+- ``J V``  (p -> n·k): forward mode, ``torch.func.jvp`` (Pearlmutter's R-operator);
+- ``Jᵀ U`` (n·k -> p): reverse mode, ``torch.func.vjp``, summed over chunks;
+- explicit per-sample Jacobian blocks (b, k, p) for dense paths, diagonals and tests.
+
+Several columns are handled at once with ``torch.vmap``. Where a layer has no
+forward-mode rule, J V is taken as the VJP of the (linear) VJP map ``u -> Jᵀ u``
+("double VJP"), which needs reverse mode only.
+
+Iterative solvers apply J and Jᵀ many times to the same data. When the saved
+activations fit ``cache_bytes``, the forward pass of every chunk is done once: the VJP
+closure and the double-VJP closure built on it are kept, and each later product only
+runs the backward graphs.
+"""
+
+import torch
+from torch.func import jacrev, jvp, vjp, vmap
+
+__all__ = ["JacobianProducts", "explicit_jacobian", "outputs_and_jvp"]
+
+# Leaf-module activation bytes times this factor estimates what a chunk's cached VJP
+# and double-VJP graphs hold (the forward activations plus the backward graph).
+_GRAPH_BYTES_PER_ACTIVATION_BYTE = 4
+
+
+def _forward_mode_available(network, w, X):
+    """Whether ``torch.func.jvp`` runs through the network on a sample of X."""
+    try:
+        jvp(lambda w_: network(w_, X[:1]), (w,), (torch.zeros_like(w),))
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _activation_bytes(module, call):
+    """Bytes of every leaf module's output during ``call()``."""
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    leaves = [m for m in module.modules() if next(m.children(), None) is None]
+    handles = [leaf.register_forward_hook(count) for leaf in leaves]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+class _LinearizedChunk:
+    """The VJP closure of one chunk and the double-VJP closure built on it.
+
+    ``vjp(U)`` gives Jᵀ U and ``jvp(V)`` gives J V for this chunk without another
+    forward pass; both accept a trailing column axis.
+    """
+
+    def __init__(self, network, w, X):
+        self.outputs, vjp_fn = vjp(lambda w_: network(w_, X), w)
+        self._vjp = lambda u: vjp_fn(u)[0]
+        # u -> Jᵀ u is linear, so its VJP with cotangent v is (Jᵀ)ᵀ v = J v for any u.
+        _, transpose_fn = vjp(self._vjp, torch.zeros_like(self.outputs))
+        self._jvp = lambda v: transpose_fn(v)[0]
+
+    def vjp(self, U):
+        if U.ndim == 2:
+            return self._vjp(U)
+        return vmap(self._vjp, in_dims=2, out_dims=1)(U)
+
+    def jvp(self, V):
+        if V.ndim == 1:
+            return self._jvp(V)
+        return vmap(self._jvp, in_dims=1, out_dims=2)(V)
+
+
+class JacobianProducts:
+    """Chunked products with the Jacobian of ``network`` at ``w`` over the rows of X.
+
+    Parameters
+    ----------
+    network : FunctionalNetwork
+    w : torch.Tensor of shape (p,)
+        The linearization point.
+    X : torch.Tensor of shape (n, ...)
+    batch_size : int
+        Samples per chunk.
+    cache_bytes : int, default=0
+        Keep each chunk's linearization (see module docstring) when the estimated
+        memory of all chunks is at most this; 0 never caches.
+
+    Attributes
+    ----------
+    n_samples, n_outputs, n_params : int
+    forward_mode : bool
+        False when J V falls back to the double VJP.
+    cached : bool
+    """
+
+    def __init__(self, network, w, X, *, batch_size, cache_bytes=0):
+        self.network, self.w, self.X = network, w, X
+        self.n_samples = X.shape[0]
+        self.n_params = w.numel()
+        self.chunks = [
+            slice(start, min(start + batch_size, self.n_samples))
+            for start in range(0, self.n_samples, batch_size)
+        ]
+        self.forward_mode = _forward_mode_available(network, w, X)
+        first = X[self.chunks[0]]
+        estimate = _activation_bytes(network.module, lambda: network(w, first))
+        estimate *= _GRAPH_BYTES_PER_ACTIVATION_BYTE * self.n_samples / first.shape[0]
+        self.cached = 0 < estimate <= cache_bytes
+        self._linearized = None
+        self._linearize()
+        self.n_outputs = self._outputs.shape[1]
+
+    def _linearize(self):
+        """Cache every chunk's linearization (or only the outputs when not cached)."""
+        network, w, X = self.network, self.w, self.X
+        self._linearized = None
+        if self.cached:
+            self._linearized = [_LinearizedChunk(network, w, X[c]) for c in self.chunks]
+            self._outputs = torch.cat([lin.outputs.detach() for lin in self._linearized])
+        else:
+            with torch.no_grad():
+                self._outputs = torch.cat([network(w, X[c]) for c in self.chunks])
+
+    def __getstate__(self):
+        # Autograd closures do not pickle; they are rebuilt on unpickling.
+        state = self.__dict__.copy()
+        state["_linearized"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._linearize()
+
+    @property
+    def outputs(self):
+        """The network's outputs f(θ, X), shape (n, k)."""
+        return self._outputs
+
+    def jvp(self, V):
+        """J V for V of shape (p,) or (p, m); returns (n, k) or (n, k, m)."""
+        if self.cached:
+            return torch.cat([lin.jvp(V) for lin in self._linearized])
+        return torch.cat([self._chunk_jvp(self.X[c], V) for c in self.chunks])
+
+    def vjp(self, U):
+        """Jᵀ U for U of shape (n, k) or (n, k, m); returns (p,) or (p, m)."""
+        if self.cached:
+            parts = (
+                lin.vjp(U[c]) for lin, c in zip(self._linearized, self.chunks, strict=True)
+            )
+        else:
+            parts = (self._chunk_vjp(self.X[c], U[c]) for c in self.chunks)
+        return sum(parts)
+
+    def _chunk_jvp(self, X, V):
+        return outputs_and_jvp(self.network, self.w, X, V, self.forward_mode)[1]
+
+    def _chunk_vjp(self, X, U):
+        return _LinearizedChunk(self.network, self.w, X).vjp(U)
+
+    def jacobian(self, chunk):
+        """Explicit Jacobian of the rows ``chunk`` of X, shape (b, k, p)."""
+        return explicit_jacobian(self.network, self.w, self.X[chunk])
+
+    def jacobian_blocks(self):
+        """Yield ``(chunk, J_chunk)`` with J_chunk of shape (b, k, p)."""
+        for chunk in self.chunks:
+            yield chunk, self.jacobian(chunk)
+
+
+def outputs_and_jvp(network, w, X, V, forward_mode=True):
+    """``(f(w, X), J(X) V)`` for V of shape (p,) or (p, m), caching nothing.
+
+    Forward mode computes both in one pass; without it, the double VJP.
+    """
+    if not forward_mode:
+        linearized = _LinearizedChunk(network, w, X)
+        return linearized.outputs.detach(), linearized.jvp(V)
+
+    def product(v):
+        return jvp(lambda w_: network(w_, X), (w,), (v,))
+
+    if V.ndim == 1:
+        return product(V)
+    outputs, JV = vmap(product, in_dims=1, out_dims=(None, 2))(V)
+    return outputs, JV
+
+
+def explicit_jacobian(network, w, X):
+    """Per-sample Jacobians J(x_i), shape (n, k, p), by reverse mode under vmap."""
+    return vmap(jacrev(network.single), in_dims=(None, 0))(w, X)

@@ -1,0 +1,10 @@
+"""scikit-learn's estimator contract, checked whole."""
+
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from sklearn_fntk import FiniteNTKRegressor
+
+
+@parametrize_with_checks([FiniteNTKRegressor()])
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
