@@ -47,6 +47,7 @@ class FiniteNTKBase(BaseEstimator):
         "solver": [StrOptions({"auto", "dense", "cg"})],
         "space": [StrOptions({"auto", "function", "parameter"})],
         "preconditioner": [StrOptions({"auto", "jacobi"}), None],
+        "fisher_product": [StrOptions({"exact", "finite_difference"})],
         "tol": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -131,9 +132,13 @@ class FiniteNTKBase(BaseEstimator):
                 f"{X.shape[1:]}{_input_hint(network.module)}: "
                 f"{type(error).__name__}: {error}"
             ) from error
-        if out.shape[1] != n_outputs:
-            raise ValueError(self._output_mismatch_message(out.shape[1], n_outputs))
+        self._check_output_count(out.shape[1], n_outputs)
         return network
+
+    def _check_output_count(self, n_network, n_expected):
+        """Raise ValueError unless the network's output count is the one expected."""
+        if n_network != n_expected:
+            raise ValueError(self._output_mismatch_message(n_network, n_expected))
 
     def _output_mismatch_message(self, n_network, n_expected):
         return (
@@ -186,6 +191,13 @@ class FiniteNTKBase(BaseEstimator):
                 network, theta, X[rows], self.delta_, self.forward_mode_
             )
             yield rows, outputs, shift
+
+    def _latent_mean(self, X):
+        """Predictive mean m(x*) + J* δ, shape (m, k)."""
+        parts = []
+        for _, outputs, shift in self._linearized_chunks(X):
+            parts.append(outputs + shift if self.prior_mean == "network" else shift)
+        return torch.cat(parts)
 
     def _test_jacobian(self, X):
         """Explicit Jacobian rows of X at θ, shape (m·k, p)."""

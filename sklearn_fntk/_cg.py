@@ -52,7 +52,8 @@ def conjugate_gradient(
     tol : float
         Relative residual at which a column stops.
     max_iter : int or None
-        Iteration limit; None means d (exact arithmetic converges by then).
+        Iteration limit; None means 10·d, as scipy's cg (exact arithmetic converges
+        in d iterations; rounding slows ill-conditioned systems down).
     callback : callable or None
         Called as ``callback(iteration, residual_norms)`` after every iteration with
         the relative residuals of the columns that were still running.
@@ -66,7 +67,7 @@ def conjugate_gradient(
     vector = B.ndim == 1
     B = B.reshape(B.shape[0], -1)
     d, m = B.shape
-    max_iter = d if max_iter is None else max_iter
+    max_iter = 10 * d if max_iter is None else max_iter
     precondition = preconditioner if preconditioner is not None else (lambda R: R)
 
     # Setup: X₀ = 0, R₀ = B, Z₀ = M R₀, P₀ = Z₀.

@@ -73,7 +73,16 @@ class KernelOperator(_Operator):
 
 
 class ParameterOperator(_Operator):
-    """A = Jᵀ J + (σ²/s) I on p-vectors (parameter space)."""
+    """A = Jᵀ J + (σ²/s) I on p-vectors (parameter space).
+
+    ``fisher_product="finite_difference"`` replaces the exact JᵀJ v (JVP then VJP)
+    by the finite-difference form (:meth:`JacobianProducts.fisher_product_fd`): an
+    O(√ε) relative error traded for one plain forward and backward pass.
+    """
+
+    def __init__(self, jacobian, *, prior, noise, fisher_product="exact"):
+        super().__init__(jacobian, prior=prior, noise=noise)
+        self.fisher_product = fisher_product
 
     @property
     def size(self):
@@ -85,6 +94,8 @@ class ParameterOperator(_Operator):
 
     def matmat(self, V):
         """A V for V of shape (p, m): one JVP then one VJP (a Fisher-vector product)."""
+        if self.fisher_product == "finite_difference":
+            return self.jacobian.fisher_product_fd(V) + self.ridge * V
         return self.jacobian.vjp(self.jacobian.jvp(V)) + self.ridge * V
 
     def diagonal(self):

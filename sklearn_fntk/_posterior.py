@@ -47,6 +47,8 @@ class GaussianPosterior:
     space : {"function", "parameter"}
     solver : {"dense", "cg"}
     preconditioner : {None, "jacobi"}
+    fisher_product : {"exact", "finite_difference"}
+        How the parameter-space operator multiplies by JᵀJ.
     tol : float
     max_iter : int or None
     callback : callable or None
@@ -72,14 +74,19 @@ class GaussianPosterior:
         space,
         solver,
         preconditioner=None,
+        fisher_product="exact",
         tol=1e-6,
         max_iter=None,
         callback=None,
     ):
         self.prior, self.noise, self.space, self.solver = prior, noise, space, solver
         self.tol, self.max_iter, self.callback = tol, max_iter, callback
-        operator_class = KernelOperator if space == "function" else ParameterOperator
-        self.operator = operator_class(jacobian, prior=prior, noise=noise)
+        if space == "function":
+            self.operator = KernelOperator(jacobian, prior=prior, noise=noise)
+        else:
+            self.operator = ParameterOperator(
+                jacobian, prior=prior, noise=noise, fisher_product=fisher_product
+            )
         self.residuals = residuals.reshape(-1)
         self._factor = None
         self._preconditioner = None
