@@ -17,6 +17,7 @@ from sklearn.utils.validation import validate_data
 
 from ._jacobian import JacobianProducts, explicit_jacobian, outputs_and_jvp
 from ._network import FunctionalNetwork, default_mlp
+from ._progress import CGProgress
 
 # The dense (Cholesky) solver is chosen by ``solver="auto"`` up to this system size.
 DENSE_MAX_SIZE = 4096
@@ -168,19 +169,8 @@ class FiniteNTKBase(BaseEstimator):
         return space, solver
 
     def _cg_progress(self):
-        """A CG callback printing residuals when ``verbose > 0``."""
-        if not self.verbose:
-            return None
-
-        def report(iteration, residuals):
-            if iteration == 1 or iteration % 10 == 0:
-                print(
-                    f"[{type(self).__name__}] CG iteration {iteration}: "
-                    f"{residuals.numel()} column(s) running, max relative residual "
-                    f"{float(residuals.max()):.3e}"
-                )
-
-        return report
+        """A CG progress callback when ``verbose > 0``, else None."""
+        return CGProgress(type(self).__name__, self.tol) if self.verbose else None
 
     def _linearized_chunks(self, X):
         """Yield ``(rows, f(θ, X_rows), J(X_rows) δ)`` over chunks of X (a tensor)."""

@@ -20,6 +20,8 @@ runs the backward graphs.
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
+from ._memory import check_fits
+
 __all__ = ["JacobianProducts", "explicit_jacobian", "outputs_and_jvp"]
 
 # Leaf-module activation bytes times this factor estimates what a chunk's cached VJP
@@ -235,4 +237,13 @@ def outputs_and_jvp(network, w, X, V, forward_mode=True):
 
 def explicit_jacobian(network, w, X):
     """Per-sample Jacobians J(x_i), shape (n, k, p), by reverse mode under vmap."""
+    with torch.no_grad():
+        n_outputs = network(w, X[:1]).shape[1]
+    check_fits(
+        (X.shape[0], n_outputs, w.numel()),
+        w.dtype,
+        w.device,
+        "An explicit Jacobian block",
+        "lower batch_size",
+    )
     return vmap(jacrev(network.single), in_dims=(None, 0))(w, X)

@@ -18,6 +18,7 @@ import math
 import torch
 
 from ._cg import conjugate_gradient
+from ._memory import check_fits
 from ._operators import KernelOperator, ParameterOperator
 from ._preconditioners import JacobiPreconditioner
 
@@ -51,8 +52,8 @@ class GaussianPosterior:
         How the parameter-space operator multiplies by JᵀJ.
     tol : float
     max_iter : int or None
-    callback : callable or None
-        Passed to CG (progress reporting).
+    callback : CGProgress or None
+        Passed to CG during the fit solve, then closed.
 
     Attributes
     ----------
@@ -91,7 +92,7 @@ class GaussianPosterior:
         self._factor = None
         self._preconditioner = None
         if solver == "dense":
-            self._factor = cholesky(self.operator.dense(), f"{space}-space system")
+            self._factor = self._dense_factor()
         elif preconditioner == "jacobi":
             self._preconditioner = JacobiPreconditioner(self.operator.diagonal())
 
@@ -106,7 +107,21 @@ class GaussianPosterior:
             self._rhs = jacobian.vjp(residuals)
             self._solution, self.n_iter, self.residual_norm = self._solve_fit(self._rhs)
             self.delta = self._solution
-        self.callback = None  # progress reporting is for the fit solve only
+        if self.callback is not None:  # progress reporting is for the fit solve only
+            self.callback.close()
+            self.callback = None
+
+    def _dense_factor(self):
+        """Cholesky factor of the assembled operator, after checking it fits."""
+        size, jacobian = self.operator.size, self.operator.jacobian
+        check_fits(
+            (size, size),
+            jacobian.w.dtype,
+            jacobian.w.device,
+            f"The dense {self.space}-space system",
+            "use solver='cg', or the smaller space (space='auto')",
+        )
+        return cholesky(self.operator.dense(), f"{self.space}-space system")
 
     def _solve_fit(self, rhs):
         if self._factor is not None:
@@ -158,7 +173,7 @@ class GaussianPosterior:
         After a CG fit the factor of the same space is assembled here, once.
         """
         if self._factor is None:
-            self._factor = cholesky(self.operator.dense(), f"{self.space}-space system")
+            self._factor = self._dense_factor()
         r, d = self.residuals, self.residuals.numel()
         log_det_factor = 2.0 * torch.log(self._factor.diagonal()).sum()
         if self.space == "function":
