@@ -18,6 +18,7 @@ from sklearn.utils.validation import validate_data
 from ._jacobian import JacobianProducts, explicit_jacobian, outputs_and_jvp
 from ._network import FunctionalNetwork, default_mlp
 from ._progress import CGProgress
+from ._structured import LayerwiseKernel, supports_structured
 
 # The dense (Cholesky) solver is chosen by ``solver="auto"`` up to this system size.
 DENSE_MAX_SIZE = 4096
@@ -47,7 +48,12 @@ class FiniteNTKBase(BaseEstimator):
         "parameters": [list, tuple, None],
         "solver": [StrOptions({"auto", "dense", "cg"})],
         "space": [StrOptions({"auto", "function", "parameter"})],
-        "preconditioner": [StrOptions({"auto", "jacobi"}), None],
+        "preconditioner": [
+            StrOptions({"auto", "jacobi", "nystrom", "pivoted_cholesky"}),
+            None,
+        ],
+        "variance": [StrOptions({"auto", "exact", "low_rank"})],
+        "rank": [Interval(Integral, 1, None, closed="left"), None],
         "fisher_product": [StrOptions({"exact", "finite_difference"})],
         "tol": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left"), None],
@@ -156,6 +162,39 @@ class FiniteNTKBase(BaseEstimator):
             batch_size=self.batch_size,
             cache_bytes=LINEARIZATION_CACHE_BYTES if cache else 0,
         )
+
+    def _generator(self):
+        """A torch Generator seeded from ``random_state`` (for Nyström sketches)."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self._seed())
+        return generator
+
+    def _structured_kernel(self, X):
+        """The layerwise kernel of the training inputs where it applies, else None.
+
+        It applies in function space to networks of Linear layers and elementwise
+        activations whose linearized parameters are Linear weights and biases.
+        """
+        network = self._network
+        if self.space_ != "function" or not supports_structured(
+            network.module, network.names
+        ):
+            return None
+        return LayerwiseKernel(network, self._tensor(X), batch_size=self.batch_size)
+
+    def _resolve_preconditioner(self, structured):
+        """``preconditioner="auto"``: pivoted Cholesky where kernel columns are cheap."""
+        if self.preconditioner == "pivoted_cholesky" and self.space_ != "function":
+            raise ValueError(
+                "preconditioner='pivoted_cholesky' needs kernel columns, so it works in "
+                f"function space only; this fit solves in {self.space_} space. Use "
+                "space='function' or preconditioner='nystrom'."
+            )
+        if self.preconditioner != "auto":
+            return self.preconditioner
+        if self.space_ == "function" and structured is not None:
+            return "pivoted_cholesky"
+        return "nystrom"
 
     def _choose(self, n_rows, n_params):
         """Resolve ``space="auto"`` (the smaller system) and ``solver="auto"``."""

@@ -8,54 +8,99 @@ noise variance, the posterior can be computed in either of two spaces:
 - parameter space: A = Jᵀ J + (σ²/s) I, of size p (the Gauss-Newton / Fisher matrix of
   the Gaussian likelihood plus the prior, scaled by σ²).
 
-Each operator only implements products (``matmat``), its diagonal (for Jacobi
-preconditioning) and, for small problems, its dense assembly from explicit Jacobian
-blocks, as curvlinops' operators do.
+Both are P + μ I with P positive semidefinite and μ > 0 the ``shift``. Each operator
+implements products with P (``psd_matmat``), its diagonal, and, for small problems,
+its dense assembly; ``matmat`` adds the shift. As in curvlinops, nothing else.
 """
 
 import torch
+
+from ._jacobian import explicit_jacobian
 
 __all__ = ["KernelOperator", "ParameterOperator"]
 
 
 class _Operator:
-    """Shared shape, dtype and diagonal bookkeeping; subclasses define the products."""
+    """A = P + shift·I: shapes, the shifted product and diagonal."""
 
     def __init__(self, jacobian, *, prior, noise):
         self.jacobian, self.prior, self.noise = jacobian, prior, noise
         self.n_samples, self.n_outputs = jacobian.n_samples, jacobian.n_outputs
         self.n_params = jacobian.n_params
 
-    @property
-    def dtype(self):
-        return self.jacobian.w.dtype
+    def matmat(self, V):
+        """A V for V of shape (d, m)."""
+        return self.psd_matmat(V) + self.shift * V
 
-    def __matmul__(self, V):
-        return self.matmat(V)
+    def diagonal(self):
+        """diag A, shape (d,)."""
+        return self.psd_diagonal() + self.shift
+
+    def dense(self):
+        """A assembled, shape (d, d)."""
+        A = self.psd_dense()
+        A.diagonal().add_(self.shift)
+        return A
+
+    def test_jacobian(self, X):
+        """Jacobian rows of test inputs X at θ, shape (m·k, p)."""
+        return explicit_jacobian(self.jacobian.network, self.jacobian.w, X).flatten(0, 1)
+
+    def test_squared_norms(self, X):
+        """‖J(x)‖² per test row, shape (m·k,)."""
+        return (self.test_jacobian(X) ** 2).sum(1)
 
 
 class KernelOperator(_Operator):
-    """K = s·J Jᵀ + σ² I on vectors of length n·k (function space)."""
+    """K = s·J Jᵀ + σ² I on vectors of length n·k (function space).
+
+    Parameters
+    ----------
+    jacobian : JacobianProducts
+    prior, noise : float
+    structured : LayerwiseKernel or None
+        Exact per-layer kernel of a Linear/elementwise network; when given, every
+        product with J Jᵀ, its diagonal, columns and test kernels come from it.
+    """
+
+    def __init__(self, jacobian, *, prior, noise, structured=None):
+        super().__init__(jacobian, prior=prior, noise=noise)
+        self.structured = structured
+        self.shift = noise
 
     @property
     def size(self):
         return self.n_samples * self.n_outputs
 
-    def matmat(self, U):
-        """K U for U of shape (n·k, m): one VJP then one JVP, plus the noise term."""
+    def psd_matmat(self, U):
+        """s·J Jᵀ U for U of shape (n·k, m): a VJP then a JVP, or per-layer matmuls."""
+        if self.structured is not None:
+            return self.prior * self.structured.matmat(U)
         shape = (self.n_samples, self.n_outputs, U.shape[1])
         JtU = self.jacobian.vjp(U.reshape(shape))
-        return self.prior * self.jacobian.jvp(JtU).reshape(U.shape) + self.noise * U
+        return self.prior * self.jacobian.jvp(JtU).reshape(U.shape)
 
-    def diagonal(self):
-        """diag K = s·Σ_p J[i, p]² + σ², shape (n·k,)."""
-        parts = [(J**2).sum(-1).reshape(-1) for _, J in self.jacobian.jacobian_blocks()]
-        return self.prior * torch.cat(parts) + self.noise
+    def psd_diagonal(self):
+        """s·Σ_p J[i, p]², shape (n·k,)."""
+        if self.structured is not None:
+            return self.prior * self.structured.diagonal()
+        blocks = self.jacobian.jacobian_blocks()
+        return self.prior * torch.cat([(J**2).sum(-1).reshape(-1) for _, J in blocks])
 
-    def dense(self):
-        """K assembled from explicit Jacobian blocks: block (i, j) is s·J_i J_jᵀ."""
-        chunks = self.jacobian.chunks
-        rows = [slice(c.start * self.n_outputs, c.stop * self.n_outputs) for c in chunks]
+    def column(self, index):
+        """Column ``index`` of s·J Jᵀ, shape (n·k,)."""
+        if self.structured is not None:
+            return self.prior * self.structured.column(index)
+        unit = self.jacobian.w.new_zeros(self.size, 1)
+        unit[index] = 1.0
+        return self.psd_matmat(unit)[:, 0]
+
+    def psd_dense(self):
+        """s·J Jᵀ from explicit Jacobian blocks: block (i, j) is s·J_i J_jᵀ."""
+        if self.structured is not None:
+            return self.prior * self.structured.dense()
+        chunks, k = self.jacobian.chunks, self.n_outputs
+        rows = [slice(c.start * k, c.stop * k) for c in chunks]
         K = self.jacobian.w.new_empty(self.size, self.size)
         for i, chunk_i in enumerate(chunks):
             J_i = self.jacobian.jacobian(chunk_i).flatten(0, 1)
@@ -64,12 +109,36 @@ class KernelOperator(_Operator):
                 block = self.prior * (J_i @ J_j.T)
                 K[rows[i], rows[j]] = block
                 K[rows[j], rows[i]] = block.T
-        K.diagonal().add_(self.noise)
         return K
 
-    def cross(self, Jt):
-        """s·J J*ᵀ against test Jacobian rows Jt (m, p): shape (n·k, m)."""
-        return self.prior * self.jacobian.jvp(Jt.T).reshape(self.size, -1)
+    def test_squared_norms(self, X):
+        """‖J(x)‖² per test row, shape (m·k,): the kernel's diagonal at X over s."""
+        if self.structured is not None:
+            return self.structured.diagonal(self.structured.features(X))
+        return super().test_squared_norms(X)
+
+    def test_kernels(self, X, diagonal):
+        """Prior kernel at test inputs X and its cross kernel with the training set.
+
+        Returns
+        -------
+        prior : torch.Tensor of shape (m·k,) if ``diagonal`` else (m·k, m·k)
+            s·J* J*ᵀ (or its diagonal).
+        cross : torch.Tensor of shape (n·k, m·k)
+            s·J J*ᵀ.
+        """
+        if self.structured is not None:
+            features = self.structured.features(X)
+            cross = self.structured.cross(features)
+            if diagonal:
+                prior = self.structured.diagonal(features)
+            else:
+                prior = self.structured.gram(features, features)
+            return self.prior * prior, self.prior * cross
+        Jt = self.test_jacobian(X)
+        prior = (Jt**2).sum(1) if diagonal else Jt @ Jt.T
+        cross = self.jacobian.jvp(Jt.T).reshape(self.size, -1)
+        return self.prior * prior, self.prior * cross
 
 
 class ParameterOperator(_Operator):
@@ -83,30 +152,23 @@ class ParameterOperator(_Operator):
     def __init__(self, jacobian, *, prior, noise, fisher_product="exact"):
         super().__init__(jacobian, prior=prior, noise=noise)
         self.fisher_product = fisher_product
+        self.shift = noise / prior
 
     @property
     def size(self):
         return self.n_params
 
-    @property
-    def ridge(self):
-        return self.noise / self.prior
-
-    def matmat(self, V):
-        """A V for V of shape (p, m): one JVP then one VJP (a Fisher-vector product)."""
+    def psd_matmat(self, V):
+        """Jᵀ J V for V of shape (p, m): a Fisher-vector product."""
         if self.fisher_product == "finite_difference":
-            return self.jacobian.fisher_product_fd(V) + self.ridge * V
-        return self.jacobian.vjp(self.jacobian.jvp(V)) + self.ridge * V
+            return self.jacobian.fisher_product_fd(V)
+        return self.jacobian.vjp(self.jacobian.jvp(V))
 
-    def diagonal(self):
-        """diag A = Σ_(i,k) J[i, k, p]² + σ²/s, shape (p,)."""
-        total = sum((J**2).sum((0, 1)) for _, J in self.jacobian.jacobian_blocks())
-        return total + self.ridge
+    def psd_diagonal(self):
+        """Σ_(i,k) J[i, k, p]², shape (p,)."""
+        return sum((J**2).sum((0, 1)) for _, J in self.jacobian.jacobian_blocks())
 
-    def dense(self):
-        """A = Σ_chunks J_cᵀ J_c + (σ²/s) I from explicit Jacobian blocks."""
-        A = sum(
-            J.flatten(0, 1).T @ J.flatten(0, 1) for _, J in self.jacobian.jacobian_blocks()
-        )
-        A.diagonal().add_(self.ridge)
-        return A
+    def psd_dense(self):
+        """Σ_chunks J_cᵀ J_c from explicit Jacobian blocks."""
+        blocks = (J.flatten(0, 1) for _, J in self.jacobian.jacobian_blocks())
+        return sum(J.T @ J for J in blocks)

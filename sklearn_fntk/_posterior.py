@@ -5,12 +5,20 @@ n·k, s the prior variance, σ² the noise variance, K = s·J Jᵀ + σ² I and
 A = Jᵀ J + (σ²/s) I.
 
     δ = s·Jᵀ K⁻¹ r = A⁻¹ Jᵀ r                              (push-through identity)
-    cov(x*) = s·J* J*ᵀ - s²·(J Jᵀ*)ᵀ K⁻¹ (J J*ᵀ) = σ²·J* A⁻¹ J*ᵀ   (Woodbury)
+    cov(x*) = s·J* J*ᵀ - s²·(J J*ᵀ)ᵀ K⁻¹ (J J*ᵀ) = σ²·J* A⁻¹ J*ᵀ   (Woodbury)
     log p(y) = -½ rᵀK⁻¹r - ½ log|K| - (n·k/2) log 2π, where in parameter space
         rᵀK⁻¹r = (rᵀr - (Jᵀr)ᵀ δ) / σ²,
         log|K| = n·k·log σ² + p·log(s/σ²) + log|A|     (matrix determinant lemma)
 
 Solves go through a Cholesky factor (``solver="dense"``) or batched preconditioned CG.
+Predictive variances are exact (a solve per test batch) or low-rank: with the top-r
+eigenpairs (f_j, v_j) of the Fisher JᵀJ and c = σ²/s,
+
+    Σ = s·(I - Σ_j f_j/(f_j + c) v_j v_jᵀ)                  (exact over all j)
+
+and keeping r terms gives var(x*) = s·(‖J*‖² - Σ_j≤r f_j/(f_j + c)(J* v_j)²), an
+overestimate by at most s·f_(r+1)/(f_(r+1) + c)·‖J*‖² (LOVE-style, Pleiss et al.
+2018: cached at fit time, O(r) Jacobian products per test batch, no training data).
 """
 
 import math
@@ -18,11 +26,22 @@ import math
 import torch
 
 from ._cg import conjugate_gradient
+from ._jacobian import outputs_and_jvp
 from ._memory import check_fits
 from ._operators import KernelOperator, ParameterOperator
-from ._preconditioners import JacobiPreconditioner
+from ._preconditioners import (
+    JacobiPreconditioner,
+    NystromPreconditioner,
+    PivotedCholeskyPreconditioner,
+)
 
-__all__ = ["GaussianPosterior"]
+__all__ = ["GaussianPosterior", "cholesky"]
+
+# Low-rank variance: grow the sketch until f_r / (f_r + c) ≤ this (the relative
+# weight of the first dropped direction), or the rank cap is reached.
+LOW_RANK_WEIGHT = 0.01
+# Nyström preconditioner: grow until λ_r ≤ this multiple of the shift.
+NYSTROM_RATIO = 10.0
 
 
 def cholesky(matrix, what):
@@ -47,11 +66,21 @@ class GaussianPosterior:
     prior, noise : float
     space : {"function", "parameter"}
     solver : {"dense", "cg"}
-    preconditioner : {None, "jacobi"}
+    preconditioner : {None, "jacobi", "nystrom", "pivoted_cholesky"}
+        "pivoted_cholesky" is for function space only.
     fisher_product : {"exact", "finite_difference"}
         How the parameter-space operator multiplies by JᵀJ.
+    structured : LayerwiseKernel or None
+        Per-layer kernel for function space (Linear/elementwise networks).
+    variance : {"exact", "low_rank"}
+    rank : int or None
+        Rank of the Nyström / pivoted Cholesky preconditioner and of the low-rank
+        variance; None grows it adaptively up to ``max_rank``.
+    max_rank : int
     tol : float
     max_iter : int or None
+    generator : torch.Generator or None
+        Randomness of the Nyström sketches.
     callback : CGProgress or None
         Passed to CG during the fit solve, then closed.
 
@@ -63,6 +92,11 @@ class GaussianPosterior:
         CG iterations of the fit solve (1 for the dense solver: one direct solve).
     residual_norm : float
         Final relative CG residual (0 for the dense solver).
+    rank : int
+        Rank of the preconditioner or low-rank variance actually built (0 if none).
+    variance_error_bound : float or None
+        Low-rank variance: f_r/(f_r + c), the bound on the relative overestimate of
+        the prior-minus-posterior term for directions past the sketch.
     """
 
     def __init__(
@@ -76,14 +110,22 @@ class GaussianPosterior:
         solver,
         preconditioner=None,
         fisher_product="exact",
+        structured=None,
+        variance="exact",
+        rank=None,
+        max_rank=512,
         tol=1e-6,
         max_iter=None,
+        generator=None,
         callback=None,
     ):
         self.prior, self.noise, self.space, self.solver = prior, noise, space, solver
         self.tol, self.max_iter, self.callback = tol, max_iter, callback
+        self.variance = variance
         if space == "function":
-            self.operator = KernelOperator(jacobian, prior=prior, noise=noise)
+            self.operator = KernelOperator(
+                jacobian, prior=prior, noise=noise, structured=structured
+            )
         else:
             self.operator = ParameterOperator(
                 jacobian, prior=prior, noise=noise, fisher_product=fisher_product
@@ -91,10 +133,17 @@ class GaussianPosterior:
         self.residuals = residuals.reshape(-1)
         self._factor = None
         self._preconditioner = None
+        self._low_rank = None
+        self.rank, self.variance_error_bound = 0, None
+        sketch_options = dict(rank=rank, max_rank=max_rank, generator=generator)
+        if variance == "low_rank":
+            self._low_rank = self._low_rank_variance(**sketch_options)
         if solver == "dense":
             self._factor = self._dense_factor()
-        elif preconditioner == "jacobi":
-            self._preconditioner = JacobiPreconditioner(self.operator.diagonal())
+        elif preconditioner is not None:
+            self._preconditioner = self._build_preconditioner(
+                preconditioner, **sketch_options
+            )
 
         if space == "function":
             # α = K⁻¹ r ; δ = s·Jᵀ α
@@ -111,6 +160,8 @@ class GaussianPosterior:
             self.callback.close()
             self.callback = None
 
+    # -- setup ------------------------------------------------------------------------
+
     def _dense_factor(self):
         """Cholesky factor of the assembled operator, after checking it fits."""
         size, jacobian = self.operator.size, self.operator.jacobian
@@ -122,6 +173,60 @@ class GaussianPosterior:
             "use solver='cg', or the smaller space (space='auto')",
         )
         return cholesky(self.operator.dense(), f"{self.space}-space system")
+
+    def _nystrom(self, ratio, rank, max_rank, generator):
+        """Nyström sketch of the PSD part P of the operator (r products with P)."""
+        op, w = self.operator, self.operator.jacobian.w
+        options = dict(dtype=w.dtype, device=w.device, generator=generator)
+        if rank is not None:
+            rank = min(rank, op.size)
+            return NystromPreconditioner(op.psd_matmat, op.size, rank, op.shift, **options)
+        return NystromPreconditioner.adaptive(
+            op.psd_matmat, op.size, op.shift, ratio=ratio, max_rank=max_rank, **options
+        )
+
+    def _build_preconditioner(self, kind, rank, max_rank, generator):
+        op = self.operator
+        if kind == "jacobi":
+            return JacobiPreconditioner(op.diagonal())
+        if kind == "pivoted_cholesky":
+            rank = max_rank if rank is None else rank
+            built = PivotedCholeskyPreconditioner(
+                op.psd_diagonal(), op.column, rank, op.shift
+            )
+        elif self._low_rank is not None and rank is None:
+            # The variance sketch is a finer Nyström approximation: reuse it.
+            built = self._low_rank[0]
+        else:
+            built = self._nystrom(NYSTROM_RATIO, rank, max_rank, generator)
+        self.rank = max(self.rank, built.rank)
+        return built
+
+    def _low_rank_variance(self, rank, max_rank, generator):
+        """Top eigenpairs (f, V) of JᵀJ and the weights f/(f + c), from a sketch.
+
+        In function space the sketch is of P = s·J Jᵀ = U diag(λ) Uᵀ; then
+        f = λ/s and V = Jᵀ U diag(f)^-½ (one VJP with r columns).
+        """
+        c = self.noise / self.prior
+        # Stop once λ_r ≤ ratio·shift, i.e. f_r/(f_r + c) ≤ LOW_RANK_WEIGHT.
+        ratio = LOW_RANK_WEIGHT / (1 - LOW_RANK_WEIGHT)
+        sketch = self._nystrom(ratio, rank, max_rank, generator)
+        U, eigenvalues = sketch.eigenvectors, sketch.eigenvalues
+        keep = eigenvalues > 0
+        U, eigenvalues = U[:, keep], eigenvalues[keep]
+        if self.space == "function":
+            fisher = eigenvalues / self.prior
+            shape = (self.operator.n_samples, self.operator.n_outputs, U.shape[1])
+            V = self.operator.jacobian.vjp(U.reshape(shape)) / fisher.sqrt()
+        else:
+            fisher, V = eigenvalues, U
+        weights = fisher / (fisher + c)
+        self.rank = int(weights.numel())
+        self.variance_error_bound = float(weights[-1]) if self.rank else 1.0
+        return sketch, V, weights
+
+    # -- solves -----------------------------------------------------------------------
 
     def _solve_fit(self, rhs):
         if self._factor is not None:
@@ -146,26 +251,40 @@ class GaussianPosterior:
         column = B.reshape(B.shape[0], -1)
         return torch.cholesky_solve(column, self._factor).reshape(B.shape)
 
-    def covariance(self, Jt, diagonal):
-        """Posterior covariance of the latent outputs J* δ.
+    # -- predictions ------------------------------------------------------------------
+
+    def covariance(self, X, diagonal):
+        """Posterior covariance of the latent outputs J* δ at test inputs X.
 
         Parameters
         ----------
-        Jt : torch.Tensor of shape (m, p)
-            Rows of the test Jacobian (test points times outputs, flattened).
+        X : torch.Tensor of shape (m, ...)
         diagonal : bool
-            Return only the variances, shape (m,); otherwise the (m, m) matrix.
+            Return only the variances, shape (m·k,); otherwise the (m·k, m·k)
+            covariance over test points and outputs (always exact).
         """
 
         def combine(a, b):
             return (a * b).sum(0) if diagonal else a.T @ b
 
+        if diagonal and self._low_rank is not None:
+            return self._low_rank_diagonal(X)
         if self.space == "parameter":
             # σ²·J* A⁻¹ J*ᵀ
+            Jt = self.operator.test_jacobian(X)
             return self.noise * combine(Jt.T, self.solve(Jt.T))
         # s·J* J*ᵀ - (s·J J*ᵀ)ᵀ K⁻¹ (s·J J*ᵀ)
-        cross = self.operator.cross(Jt)
-        return self.prior * combine(Jt.T, Jt.T) - combine(cross, self.solve(cross))
+        prior, cross = self.operator.test_kernels(X, diagonal)
+        return prior - combine(cross, self.solve(cross))
+
+    def _low_rank_diagonal(self, X):
+        """s·(‖J*‖² - Σ_j w_j (J* v_j)²) per test row, shape (m·k,)."""
+        _, V, weights = self._low_rank
+        jacobian = self.operator.jacobian
+        prior_variance = self.operator.test_squared_norms(X)
+        _, JV = outputs_and_jvp(jacobian.network, jacobian.w, X, V, jacobian.forward_mode)
+        explained = (JV.reshape(-1, V.shape[1]) ** 2) @ weights
+        return self.prior * (prior_variance - explained)
 
     def log_marginal_likelihood(self):
         """log p(y) at this prior and noise; exact (uses a Cholesky factor).

@@ -1,6 +1,27 @@
-"""Preconditioners for conjugate gradient: callables ``R -> M R`` with M ≈ A⁻¹."""
+"""Preconditioners for conjugate gradient: callables ``R -> M R`` with M ≈ A⁻¹.
 
-__all__ = ["JacobiPreconditioner"]
+Each class does its setup (diagonal, sketch, factorisation) in ``__init__`` and is then
+applied to a block of residuals R of shape (d, m), as ``conjugate_gradient`` expects.
+The low-rank preconditioners see the system as
+
+    A = P + μ I,    P symmetric positive semidefinite, μ > 0 (``shift``),
+
+which covers both systems of the linearized-network GP:
+
+- function space, K = s·J Jᵀ + σ² I:   P = s·J Jᵀ (kernel products),   μ = σ²;
+- parameter space, A = Jᵀ J + (σ²/s) I: P = Jᵀ J (Fisher-vector products), μ = σ²/s.
+
+They are told products with P, never with A: pass the operator's product minus the
+shift (or the P-product directly), not ``operator.matmat`` itself.
+"""
+
+import torch
+
+__all__ = [
+    "JacobiPreconditioner",
+    "NystromPreconditioner",
+    "PivotedCholeskyPreconditioner",
+]
 
 
 class JacobiPreconditioner:
@@ -17,3 +38,261 @@ class JacobiPreconditioner:
 
     def __call__(self, R):
         return self.inverse_diagonal[:, None] * R
+
+
+class _NystromSketch:
+    """A growing orthonormal test matrix Ω (d, r) and its image Y = P Ω.
+
+    Columns are added in blocks, each block orthonormalised against the earlier ones,
+    so Ω stays orthonormal and no product with P is ever repeated.
+    """
+
+    def __init__(self, matmat, size, *, dtype, device, generator):
+        self.matmat, self.size, self.generator = matmat, size, generator
+        self.test_matrix = torch.empty(size, 0, dtype=dtype, device=device)
+        self.image = torch.empty(size, 0, dtype=dtype, device=device)
+
+    @property
+    def rank(self):
+        return self.test_matrix.shape[1]
+
+    def grow(self, n_columns):
+        """Add ``n_columns`` Gaussian directions (n_columns products with P)."""
+        Omega = self.test_matrix
+        block = torch.randn(
+            self.size,
+            n_columns,
+            dtype=Omega.dtype,
+            device=Omega.device,
+            generator=self.generator,
+        )
+        # Twice is enough (Giraud et al. 2005): Gram-Schmidt of the block against Ω.
+        for _ in range(2):
+            block = block - Omega @ (Omega.T @ block)
+        block = torch.linalg.qr(block).Q
+        self.test_matrix = torch.cat([Omega, block], dim=1)
+        self.image = torch.cat([self.image, self.matmat(block)], dim=1)
+
+    def eigendecomposition(self):
+        """``(U, λ̂)``: the Nyström approximation P⟨Ω⟩ = U diag(λ̂) Uᵀ.
+
+        Frangella, Tropp & Udell (2021), Algorithm 2.1, stable form: with a tiny
+        shift ν, Y_ν = Y + νΩ = (P + νI)Ω, C = chol(Ωᵀ Y_ν), B = Y_ν C⁻ᵀ (so that
+        B Bᵀ = (P + νI)⟨Ω⟩), B = U Σ Vᵀ, λ̂ = max(0, Σ² - ν). λ̂ is descending.
+        """
+        Omega, Y = self.test_matrix, self.image
+        eps = torch.finfo(Y.dtype).eps
+        # ν = √d · eps(‖Y‖₂); grown tenfold while rounding (e.g. a float32 operator
+        # that is not exactly symmetric) still leaves Ωᵀ Y_ν indefinite.
+        nu = self.size**0.5 * eps * float(torch.linalg.matrix_norm(Y, ord=2))
+        nu = max(nu, torch.finfo(Y.dtype).tiny)
+        for _ in range(8):
+            Y_nu = Y + nu * Omega
+            core = Omega.T @ Y_nu
+            factor, info = torch.linalg.cholesky_ex(0.5 * (core + core.T))
+            if int(info) == 0:
+                break
+            nu *= 10.0
+        else:
+            raise ValueError(
+                "The Nyström sketch is not positive semidefinite: the products passed "
+                "as `matmat` must be with a symmetric positive semidefinite P."
+            )
+        # B = Y_ν C⁻ᵀ with C = factor (lower): solve B Cᵀ = Y_ν.
+        B = torch.linalg.solve_triangular(factor.T, Y_nu, upper=True, left=False)
+        U, sigma, _ = torch.linalg.svd(B, full_matrices=False)
+        return U, torch.clamp(sigma**2 - nu, min=0.0)
+
+
+class NystromPreconditioner:
+    """Randomized Nyström preconditioner for A = P + μ I.
+
+    Frangella, Tropp & Udell (2021), "Randomized Nyström preconditioning": a rank-r
+    Nyström approximation P ≈ U Λ̂ Uᵀ from r products with P (Algorithm 2.1) gives
+
+        M = U (Λ̂ + μI)⁻¹ Uᵀ + (λ̂_r + μ)⁻¹ (I - U Uᵀ),
+
+    their P⁻¹ of eq. (5.3) divided by the constant λ̂_r + μ (CG is unchanged by a
+    constant factor), so that M itself approximates A⁻¹: M = A⁻¹ when r = d, and on
+    the span of U it is the exact inverse of the approximation. With r a little above
+    the effective dimension (λ̂_r ≲ μ), the condition number of M A is O(1) (their
+    Theorem 5.1).
+
+    Parameters
+    ----------
+    matmat : callable
+        ``matmat(V) -> P V`` for V of shape (d, j): products with the PSD part P only,
+        without the shift (``K V - σ² V`` = s·J(Jᵀ V) in function space; Jᵀ(J V) in
+        parameter space). Called once, with j = ``rank`` columns.
+    size : int
+        d, the order of A.
+    rank : int
+        r, the sketch size; at most d.
+    shift : float
+        μ > 0, the multiple of the identity in A (σ² or σ²/s).
+    dtype : torch.dtype
+    device : torch.device or str
+    generator : torch.Generator or None
+        Source of the Gaussian test matrix (on ``device``).
+
+    Attributes
+    ----------
+    eigenvectors : torch.Tensor of shape (d, r)
+        U, orthonormal columns.
+    eigenvalues : torch.Tensor of shape (r,)
+        λ̂, the approximate eigenvalues of P, descending and non-negative.
+    shift : float
+    rank : int
+    """
+
+    def __init__(self, matmat, size, rank, shift, *, dtype, device, generator=None):
+        if not 1 <= rank <= size:
+            raise ValueError(f"rank must be in [1, size={size}], got {rank}.")
+        sketch = _NystromSketch(
+            matmat, size, dtype=dtype, device=device, generator=generator
+        )
+        sketch.grow(rank)
+        self._set_factors(*sketch.eigendecomposition(), shift)
+
+    @classmethod
+    def adaptive(
+        cls,
+        matmat,
+        size,
+        shift,
+        *,
+        dtype,
+        device,
+        ratio=10.0,
+        initial_rank=16,
+        max_rank=512,
+        generator=None,
+    ):
+        """A Nyström preconditioner whose rank grows until λ̂_r ≤ ``ratio`` · μ.
+
+        The rank doubles from ``initial_rank`` (Frangella, Tropp & Udell 2021,
+        Algorithm 5.1 with the stopping rule on the last eigenvalue), reusing the
+        earlier products: the total cost is r products with P for the final rank r.
+        λ̂_r ≤ ratio·μ bounds the preconditioned spectrum of the unsketched directions
+        by about (λ_(r+1) + μ)/(λ̂_r + μ) ≤ ratio + 1 when the sketch is accurate.
+
+        Parameters
+        ----------
+        matmat, size, shift, dtype, device, generator
+            As for the constructor.
+        ratio : float, default=10.0
+            Stop once the smallest sketched eigenvalue is at most ``ratio`` · μ.
+        initial_rank : int, default=16
+        max_rank : int, default=512
+            Cap on the rank (and on the products with P); also capped at ``size``.
+            The preconditioner stores a (size, rank) matrix.
+
+        Returns
+        -------
+        NystromPreconditioner
+        """
+        max_rank = min(max_rank, size)
+        sketch = _NystromSketch(
+            matmat, size, dtype=dtype, device=device, generator=generator
+        )
+        target = min(initial_rank, max_rank)
+        while True:
+            sketch.grow(target - sketch.rank)
+            U, eigenvalues = sketch.eigendecomposition()
+            if eigenvalues[-1] <= ratio * shift or sketch.rank >= max_rank:
+                break
+            target = min(2 * sketch.rank, max_rank)
+        preconditioner = cls.__new__(cls)
+        preconditioner._set_factors(U, eigenvalues, shift)
+        return preconditioner
+
+    def _set_factors(self, eigenvectors, eigenvalues, shift):
+        self.eigenvectors, self.eigenvalues, self.shift = eigenvectors, eigenvalues, shift
+        self.rank = eigenvalues.numel()
+        # (Λ̂ + μI)⁻¹ on span U ; (λ̂_r + μ)⁻¹ on its complement.
+        self._inverse_eigenvalues = 1.0 / (eigenvalues + shift)
+        self._complement_scale = 1.0 / (float(eigenvalues[-1]) + shift)
+
+    def __call__(self, R):
+        # M R = U (Λ̂ + μI)⁻¹ Uᵀ R + (λ̂_r + μ)⁻¹ (R - U Uᵀ R)
+        U = self.eigenvectors
+        UtR = U.T @ R
+        inside = U @ (self._inverse_eigenvalues[:, None] * UtR)
+        return inside + self._complement_scale * (R - U @ UtR)
+
+
+class PivotedCholeskyPreconditioner:
+    """M = (L Lᵀ + μ I)⁻¹ from a partial pivoted Cholesky factor L of P (function space).
+
+    The greedy pivoted Cholesky of Harbrecht, Peters & Schneider (2012), as used for
+    GP kernels by Gardner et al. (2018, GPyTorch): at step j pick the pivot i with the
+    largest remaining diagonal d_i of P - L Lᵀ, and append the column
+    l = (P[:, i] - L L[i]ᵀ) / √d_i. It needs the diagonal of P and r columns of P, so
+    it suits the kernel (P = s·J Jᵀ), whose entries are cheap; M is applied by
+    Woodbury with an r x r Cholesky factor:
+
+        (L Lᵀ + μI)⁻¹ R = (R - L (μI + Lᵀ L)⁻¹ Lᵀ R) / μ.
+
+    Parameters
+    ----------
+    diagonal : torch.Tensor of shape (d,)
+        diag P (without the shift).
+    column : callable
+        ``column(i) -> P[:, i]``, shape (d,), for an integer i.
+    rank : int
+        Maximum number of columns r of L (and calls to ``column``).
+    shift : float
+        μ > 0.
+    tol : float, default=1e-8
+        Stop early once the trace of the remaining diagonal, tr(P - L Lᵀ), is at most
+        ``tol`` times tr P.
+
+    Attributes
+    ----------
+    factor : torch.Tensor of shape (d, r)
+        L, with r ≤ ``rank`` the number of steps taken.
+    pivots : torch.Tensor of shape (r,)
+        Indices of the columns of P used, in order.
+    rank : int
+    remaining_trace : float
+        tr(P - L Lᵀ), the trace-norm error of the approximation.
+    """
+
+    def __init__(self, diagonal, column, rank, shift, *, tol=1e-8):
+        size = diagonal.shape[0]
+        rank = min(rank, size)
+        remaining = diagonal.clone()
+        stop_trace = tol * float(diagonal.sum())
+        rows = diagonal.new_empty(rank, size)  # Lᵀ, filled row by row
+        pivots = []
+        for j in range(rank):
+            pivot = int(torch.argmax(remaining))
+            pivot_value = float(remaining[pivot])
+            if pivot_value <= 0.0:
+                break
+            # l = (P[:, i] - L L[i]ᵀ) / √d_i
+            row = column(pivot) - rows[:j].T @ rows[:j, pivot]
+            row /= pivot_value**0.5
+            rows[j] = row
+            pivots.append(pivot)
+            # d ← d - l² ; the pivot is eliminated exactly (rounding aside).
+            remaining -= row**2
+            remaining[pivot] = 0.0
+            remaining.clamp_(min=0.0)
+            if float(remaining.sum()) <= stop_trace:
+                break
+        self.factor = rows[: len(pivots)].T
+        self.pivots = torch.tensor(pivots, dtype=torch.long, device=diagonal.device)
+        self.rank = len(pivots)
+        self.remaining_trace = float(remaining.sum())
+        self.shift = shift
+        # Woodbury core μI + Lᵀ L (r x r), factored once.
+        core = self.factor.T @ self.factor
+        core.diagonal().add_(shift)
+        self._core_factor = torch.linalg.cholesky(core)
+
+    def __call__(self, R):
+        # (R - L (μI + LᵀL)⁻¹ Lᵀ R) / μ
+        L = self.factor
+        inner = torch.cholesky_solve(L.T @ R, self._core_factor)
+        return (R - L @ inner) / self.shift

@@ -1,0 +1,377 @@
+"""The exact finite NTK of a multilayer perceptron, layer by layer, without Jacobians.
+
+For a chain of ``nn.Linear`` layers y_l = W_l x_l + b_l and elementwise activations,
+the Jacobian of output a of sample i with respect to (W_l, b_l) is
+(g_ia x_iᵀ, g_ia), where x_i = x_l(i) is the layer's input and g_ia = ∂f_a(x_i)/∂y_l
+the gradient of the output with respect to the layer's output. Inner products of
+Jacobian rows therefore split per layer (Novak et al. 2022, "structured derivatives"):
+
+    (J Jᵀ)[(i, a), (j, b)] = Σ_l (x_i·x_j + 1) (g_ia·g_jb)
+
+with the ``+ 1`` for a selected bias and the x_i·x_j for a selected weight. Writing
+z_i for the layer's "augmented input" (x_i, 1) (or x_i alone, or 1 alone, according
+to which of weight and bias are linearized), each layer contributes (Z Zᵀ) ⊙ (G Gᵀ).
+Products with J Jᵀ need no autograd once the per-layer Z (n, d_z) and G (n, k, d_out)
+are stored: memory O(n·k·Σ widths), never O(n·p). Rows and columns are indexed by
+sample·k + output, the (n, k) row-major flattening used across the package.
+"""
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["LayerwiseKernel", "supports_structured"]
+
+# Modules applied elementwise (or as the identity in eval mode, like dropout): their
+# Jacobian is diagonal, so the per-layer split above holds. Exact types only, since a
+# subclass may override ``forward``.
+_ELEMENTWISE = frozenset(
+    {
+        nn.Identity,
+        nn.Tanh,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.LeakyReLU,
+        nn.PReLU,
+        nn.GELU,
+        nn.Sigmoid,
+        nn.SiLU,
+        nn.Mish,
+        nn.ELU,
+        nn.CELU,
+        nn.SELU,
+        nn.Softplus,
+        nn.Softsign,
+        nn.Hardtanh,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.LogSigmoid,
+        nn.Tanhshrink,
+        nn.Dropout,
+        nn.AlphaDropout,
+    }
+)
+
+
+def _leaf_layers(module, prefix=""):
+    """``[(name, layer)]`` of a (nested) Sequential in call order, or None if not one."""
+    if type(module) is not nn.Sequential:
+        return None
+    layers = []
+    # ``_modules``, unlike ``named_children``, keeps a module that is used twice.
+    for name, child in module._modules.items():
+        path = f"{prefix}{name}"
+        if type(child) is nn.Sequential:
+            inner = _leaf_layers(child, prefix=f"{path}.")
+            if inner is None:
+                return None
+            layers += inner
+        else:
+            layers.append((path, child))
+    return layers
+
+
+def _is_leading_flatten(layer, position):
+    return (
+        type(layer) is nn.Flatten
+        and position == 0
+        and layer.start_dim == 1
+        and layer.end_dim == -1
+    )
+
+
+def supports_structured(module, parameter_names):
+    """Whether :class:`LayerwiseKernel` computes the exact kernel of this network.
+
+    True only for an ``nn.Sequential`` (Sequentials may nest) of ``nn.Linear`` layers
+    and elementwise activations (Tanh, ReLU, GELU, Sigmoid, SiLU, ELU, Softplus,
+    LeakyReLU, Identity, Dropout and AlphaDropout, which are identities in eval mode,
+    ...), optionally starting with ``nn.Flatten()``, in which every selected parameter
+    is the ``weight`` or the ``bias`` of one of those Linear layers, no layer is used
+    twice (shared weights) and no module carries forward hooks. False for
+    convolutions, normalisation layers, attention, any other or custom module.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    parameter_names : iterable of str
+        Names from ``module.named_parameters()`` that are linearized, e.g.
+        ``FunctionalNetwork.names``.
+
+    Returns
+    -------
+    bool
+    """
+    layers = _leaf_layers(module)
+    selected = set(parameter_names)
+    if not layers or not selected:
+        return False
+    if len({id(layer) for _, layer in layers}) != len(layers):
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
+        return False
+    linearizable = set()
+    for position, (path, layer) in enumerate(layers):
+        if type(layer) is nn.Linear:
+            linearizable.add(f"{path}.weight")
+            if layer.bias is not None:
+                linearizable.add(f"{path}.bias")
+        elif type(layer) not in _ELEMENTWISE and not _is_leading_flatten(layer, position):
+            return False
+    return selected <= linearizable
+
+
+class _Layer:
+    """Which of a Linear layer's weight and bias are linearized."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+    def augmented_input(self, x):
+        """z = (x, 1), x or 1 per sample according to the selection: (b, d_z)."""
+        parts = [x] if self.weight else []
+        if self.bias:
+            parts.append(x.new_ones(x.shape[0], 1))
+        return torch.cat(parts, dim=1)
+
+
+class _ChunkFeatures:
+    """Per-layer Z (b, d_z) and G (b, k, d_out) of one chunk of samples."""
+
+    def __init__(self, Z, G):
+        self.Z, self.G = Z, G
+        self.n_samples, self.n_outputs = G[0].shape[0], G[0].shape[1]
+
+    def transpose_product(self, U):
+        """Jᵀ U per layer: U (b, k, m) -> [(m, d_out, d_z)], the parameter gradients.
+
+        (J_lᵀ u)[o, c] = Σ_i w_i[o] z_i[c] with w_i = Σ_a u_ia g_ia: broadcast products
+        over the k outputs (batched tiny matmuls are far slower), then one GEMM.
+        """
+        b, k, m = U.shape
+        products = []
+        for Z, G in zip(self.Z, self.G, strict=True):
+            W = sum(U[:, a, :, None] * G[:, a, None, :] for a in range(k))  # (b, m, d_out)
+            products.append((W.reshape(b, -1).T @ Z).reshape(m, -1, Z.shape[1]))
+        return products
+
+    def product(self, gradients):
+        """J V per layer, summed: [(m, d_out, d_z)] -> (b, k, m).
+
+        (J_l V)_ia = g_iaᵀ (V z_i) for each column V (d_out, d_z): one GEMM for all
+        V z_i, then a product and sum over d_out per output.
+        """
+        total = 0
+        for Z, G, V in zip(self.Z, self.G, gradients, strict=True):
+            m, d_out, d_z = V.shape
+            VZ = (Z @ V.reshape(m * d_out, d_z).T).reshape(-1, m, d_out)  # (b, m, d_out)
+            JV = [(G[:, a, None, :] * VZ).sum(-1) for a in range(self.n_outputs)]
+            total = total + torch.stack(JV, dim=1)
+        return total
+
+    def cross(self, other):
+        """Σ_l (Z Z'ᵀ) ⊙ (G G'ᵀ): shape (b·k, b'·k), rows (sample, output)."""
+        k = self.n_outputs
+        total = 0
+        for Z, G, Z2, G2 in zip(self.Z, self.G, other.Z, other.G, strict=True):
+            ZZ = (Z @ Z2.T).repeat_interleave(k, 0).repeat_interleave(k, 1)
+            total = total + ZZ * (G.flatten(0, 1) @ G2.flatten(0, 1).T)
+        return total
+
+    def column(self, z, g):
+        """Σ_l (Z z)(G g) against one sample's per-layer z (d_z,), g (d_out,): (b·k,)."""
+        total = 0
+        for Z, G, z_i, g_ia in zip(self.Z, self.G, z, g, strict=True):
+            total = total + (Z @ z_i)[:, None] * (G @ g_ia)
+        return total.reshape(-1)
+
+    def diagonal(self):
+        """‖z_i‖² ‖g_ia‖² summed over layers: shape (b·k,)."""
+        total = 0
+        for Z, G in zip(self.Z, self.G, strict=True):
+            total = total + (Z**2).sum(1)[:, None] * (G**2).sum(2)
+        return total.reshape(-1)
+
+
+class LayerwiseKernel:
+    """Exact products with the finite NTK J Jᵀ of a Linear/elementwise network.
+
+    Setup runs, per chunk, one forward pass that records each linearized layer's input
+    and k backward passes from the outputs to every linearized layer's output; the
+    products then cost a few matrix multiplications per layer, with no autograd. The
+    kernel is J Jᵀ: no prior variance s and no noise (K = s·J Jᵀ + σ² I).
+
+    Parameters
+    ----------
+    network : FunctionalNetwork
+        A network for which ``supports_structured(network.module, network.names)``;
+        linearized at ``network.theta``.
+    X : torch.Tensor of shape (n, ...)
+        Training inputs; a sample is a vector, or is flattened by a leading Flatten.
+    batch_size : int
+        Samples per chunk in the setup passes and in the products.
+
+    Attributes
+    ----------
+    n_samples, n_outputs : int
+    size : int
+        n·k, the order of the kernel.
+    outputs : torch.Tensor of shape (n, k)
+        The network's outputs f(θ, X), a by-product of the setup.
+    """
+
+    def __init__(self, network, X, *, batch_size):
+        if not supports_structured(network.module, network.names):
+            raise ValueError(
+                "LayerwiseKernel needs an nn.Sequential of Linear layers and "
+                "elementwise activations whose linearized parameters are Linear "
+                "weights and biases; check supports_structured first."
+            )
+        self.batch_size = batch_size
+        self._leaves = _leaf_layers(network.module)
+        names = set(network.names)
+        self._layers = {
+            position: _Layer(f"{path}.weight" in names, f"{path}.bias" in names)
+            for position, (path, _) in enumerate(self._leaves)
+            if f"{path}.weight" in names or f"{path}.bias" in names
+        }
+        # Values at θ of the linearized parameters; the others are the module's own.
+        self._values = network.unflatten(network.theta)
+        self.n_samples = X.shape[0]
+        self._features, outputs = [], []
+        for start in range(0, self.n_samples, batch_size):
+            features, out = self._chunk_features(X[start : start + batch_size])
+            self._features.append(features)
+            outputs.append(out)
+        self.outputs = torch.cat(outputs)
+        self.n_outputs = self.outputs.shape[1]
+        self.size = self.n_samples * self.n_outputs
+
+    def _chunk_features(self, X):
+        """One forward and k backward passes: (_ChunkFeatures, outputs (b, k))."""
+        first = min(self._layers)
+        Z, layer_outputs = [], []
+        h = X
+        with torch.enable_grad():
+            for position, (path, layer) in enumerate(self._leaves):
+                if type(layer) is not nn.Linear:
+                    h = layer(h)
+                    continue
+                selected = self._layers.get(position)
+                if selected is not None:
+                    if h.ndim != 2:
+                        raise ValueError(
+                            f"Layer {path!r} receives inputs of shape "
+                            f"{tuple(h.shape)}; the layerwise kernel needs one vector "
+                            "per sample (flatten n-D inputs with a leading "
+                            "nn.Flatten())."
+                        )
+                    Z.append(selected.augmented_input(h.detach()))
+                local = {
+                    name: self._values.get(f"{path}.{name}", tensor)
+                    for name, tensor in layer.named_parameters()
+                }
+                h = functional_call(layer, local, (h,))
+                if position == first:
+                    # The graph starts here: nothing before needs gradients.
+                    h = h.detach().requires_grad_()
+                if selected is not None:
+                    layer_outputs.append(h)
+            out = h.reshape(X.shape[0], -1)
+            # G_l[:, a] = ∂f_a/∂y_l per sample: samples do not interact, so the
+            # gradient of Σ_i f_a(x_i) with respect to y_l(x_i) is its row i.
+            k = out.shape[1]
+            grads = [
+                torch.autograd.grad(out[:, a].sum(), layer_outputs, retain_graph=a < k - 1)
+                for a in range(k)
+            ]
+        G = [torch.stack(per_output, dim=1) for per_output in zip(*grads, strict=True)]
+        return _ChunkFeatures(Z, G), out.detach()
+
+    def features(self, X):
+        """Per-layer features of other inputs, for :meth:`cross` and :meth:`diagonal`.
+
+        Parameters
+        ----------
+        X : torch.Tensor of shape (m, ...)
+
+        Returns
+        -------
+        list of _ChunkFeatures
+            One per chunk of ``batch_size`` rows; memory O(m·k·Σ widths).
+        """
+        return [
+            self._chunk_features(X[start : start + self.batch_size])[0]
+            for start in range(0, X.shape[0], self.batch_size)
+        ]
+
+    def matmat(self, U):
+        """(J Jᵀ) U for U of shape (n·k, m); returns (n·k, m).
+
+        First Jᵀ U, as per-layer (m, d_out, d_z) gradients summed over chunks, then
+        J applied to them chunk by chunk.
+        """
+        m = U.shape[1]
+        U = U.reshape(self.n_samples, self.n_outputs, m)
+        gradients = None
+        for start, features in zip(
+            range(0, self.n_samples, self.batch_size), self._features, strict=True
+        ):
+            part = features.transpose_product(U[start : start + self.batch_size])
+            if gradients is None:
+                gradients = part
+            else:
+                gradients = [
+                    total + new for total, new in zip(gradients, part, strict=True)
+                ]
+        products = [features.product(gradients) for features in self._features]
+        return torch.cat(products).reshape(self.size, m)
+
+    def diagonal(self, features=None):
+        """diag(J Jᵀ) = Σ_l ‖z_i‖² ‖g_ia‖², shape (n·k,) (or (m·k,) for ``features``).
+
+        Parameters
+        ----------
+        features : list of _ChunkFeatures or None
+            From :meth:`features`, for the diagonal at other inputs; None for the
+            training inputs.
+        """
+        features = self._features if features is None else features
+        return torch.cat([chunk.diagonal() for chunk in features])
+
+    def column(self, index):
+        """Column ``index`` = i·k + a of J Jᵀ, shape (n·k,).
+
+        (J Jᵀ)[(j, b), (i, a)] = Σ_l (z_j·z_i)(g_jb·g_ia), from sample i's features.
+        """
+        sample, output = divmod(int(index), self.n_outputs)
+        source = self._features[sample // self.batch_size]
+        row = sample % self.batch_size
+        z = [Z[row] for Z in source.Z]
+        g = [G[row, output] for G in source.G]
+        return torch.cat([features.column(z, g) for features in self._features])
+
+    def cross(self, features):
+        """J J*ᵀ between the training inputs and other inputs.
+
+        Parameters
+        ----------
+        features : list of _ChunkFeatures
+            From :meth:`features` of m other inputs.
+
+        Returns
+        -------
+        torch.Tensor of shape (n·k, m·k)
+        """
+        return self.gram(self._features, features)
+
+    @staticmethod
+    def gram(features_a, features_b):
+        """J_a J_bᵀ between two inputs' features, shape (n_a·k, n_b·k)."""
+        return torch.cat(
+            [torch.cat([a.cross(b) for b in features_b], dim=1) for a in features_a]
+        )
+
+    def dense(self):
+        """J Jᵀ assembled, shape (n·k, n·k)."""
+        return self.cross(self._features)
