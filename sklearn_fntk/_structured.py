@@ -140,10 +140,11 @@ class _ChunkFeatures:
 
     def __init__(self, Z, G):
         self.Z, self.G = Z, G
-        self.n_samples, self.n_outputs = G[0].shape[0], G[0].shape[1]
+        self.n_outputs = G[0].shape[1]
 
     def transpose_product(self, U):
-        """Jᵀ U per layer: U (b, k, m) -> [(m, d_out, d_z)], the parameter gradients.
+        """Jᵀ U per layer: U (b, k, m) -> [(m, d_out, d_z)], the parameter gradients
+        (the weight gradient and, as its last column, the bias gradient).
 
         (J_lᵀ u)[o, c] = Σ_i w_i[o] z_i[c] with w_i = Σ_a u_ia g_ia: broadcast products
         over the k outputs (batched tiny matmuls are far slower), then one GEMM.
@@ -320,10 +321,9 @@ class LayerwiseKernel:
             part = features.transpose_product(U[start : start + self.batch_size])
             if gradients is None:
                 gradients = part
-            else:
-                gradients = [
-                    total + new for total, new in zip(gradients, part, strict=True)
-                ]
+                continue
+            for total, new in zip(gradients, part, strict=True):
+                total += new
         products = [features.product(gradients) for features in self._features]
         return torch.cat(products).reshape(self.size, m)
 
