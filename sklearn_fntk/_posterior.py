@@ -205,22 +205,28 @@ class GaussianPosterior:
     def _low_rank_variance(self, rank, max_rank, generator):
         """Top eigenpairs (f, V) of JᵀJ and the weights f/(f + c), from a sketch.
 
-        In function space the sketch is of P = s·J Jᵀ = U diag(λ) Uᵀ; then
-        f = λ/s and V = Jᵀ U diag(f)^-½ (one VJP with r columns).
+        The Nyström sketch of P gives an orthonormal basis U of its dominant
+        subspace; a Rayleigh-Ritz step makes the eigenpairs exact on that subspace
+        (and V exactly orthonormal). With C = Jᵀ U (function space, P = s·J Jᵀ) or
+        C = J U (parameter space, P = JᵀJ), CᵀC = Q diag(f) Qᵀ, and the Ritz vectors
+        of JᵀJ are V = C Q f^-½ or V = U Q, respectively: r products with J.
         """
         c = self.noise / self.prior
-        # Stop once λ_r ≤ ratio·shift, i.e. f_r/(f_r + c) ≤ LOW_RANK_WEIGHT.
+        # Stop once λ_r ≤ ratio·shift, i.e. the weight f_r/(f_r + c) ≤ LOW_RANK_WEIGHT.
         ratio = LOW_RANK_WEIGHT / (1 - LOW_RANK_WEIGHT)
         sketch = self._nystrom(ratio, rank, max_rank, generator)
-        U, eigenvalues = sketch.eigenvectors, sketch.eigenvalues
-        keep = eigenvalues > 0
-        U, eigenvalues = U[:, keep], eigenvalues[keep]
+        U = sketch.eigenvectors[:, sketch.eigenvalues > 0]
+        jacobian = self.operator.jacobian
         if self.space == "function":
-            fisher = eigenvalues / self.prior
             shape = (self.operator.n_samples, self.operator.n_outputs, U.shape[1])
-            V = self.operator.jacobian.vjp(U.reshape(shape)) / fisher.sqrt()
+            C = jacobian.vjp(U.reshape(shape))
         else:
-            fisher, V = eigenvalues, U
+            C = jacobian.jvp(U).reshape(-1, U.shape[1])
+        fisher, Q = torch.linalg.eigh(C.T @ C)
+        fisher, Q = fisher.flip(0), Q.flip(1)  # descending
+        keep = fisher > torch.finfo(fisher.dtype).eps * fisher[0]
+        fisher, Q = fisher[keep], Q[:, keep]
+        V = (C @ Q) / fisher.sqrt() if self.space == "function" else U @ Q
         weights = fisher / (fisher + c)
         self.rank = int(weights.numel())
         self.variance_error_bound = float(weights[-1]) if self.rank else 1.0

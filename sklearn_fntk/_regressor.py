@@ -76,7 +76,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         CG stops when the relative residual ‖b - Ax‖/‖b‖ of every column is below.
     max_iter : int or None, default=None
         CG iteration limit; None means 10 times the system size.
-    batch_size : int, default=256
+    batch_size : int, default=1024
         Samples per chunk in every Jacobian product and explicit Jacobian block.
     dtype : {"float64", "float32"}, default="float64"
         Precision of all torch computation (the network copy is cast to it).
@@ -148,7 +148,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         rank=None,
         tol=1e-6,
         max_iter=None,
-        batch_size=256,
+        batch_size=1024,
         dtype="float64",
         device="cpu",
         random_state=None,

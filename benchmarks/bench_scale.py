@@ -1,0 +1,258 @@
+"""Scale: preconditioning, finite-difference FVPs, low-rank variance, big n.
+
+Each experiment runs its competitors side by side in one process and prints ratios,
+so that the numbers survive a shared, drifting machine:
+
+    python benchmarks/bench_scale.py nystrom        # CG iterations, none vs Nyström
+    python benchmarks/bench_scale.py fvp            # exact vs finite-difference FVP
+    python benchmarks/bench_scale.py low_rank       # low-rank vs exact predict_std
+    python benchmarks/bench_scale.py reference      # defaults vs explicit Jacobian
+    python benchmarks/bench_scale.py big            # n = 100,000 in float32: time, RSS
+
+``--quick`` shrinks every size (for a smoke run). The networks are MLPs trained for a
+few hundred Adam steps on a smooth synthetic target, so that their NTK spectra are
+those of trained networks, not of random initialisations.
+"""
+
+import argparse
+import resource
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from sklearn_fntk import FiniteNTKRegressor
+from sklearn_fntk._jacobian import JacobianProducts
+from sklearn_fntk._network import FunctionalNetwork
+
+
+def trained_mlp(widths, n_train=2000, steps=300, seed=0):
+    """An MLP with ``widths`` (input, hidden..., output), trained briefly."""
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    module = nn.Sequential(*layers[:-1])
+    X, y = make_data(n_train, widths[0], seed=seed + 1)
+    X, y = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        ((module(X)[:, 0] - y) ** 2).mean().backward()
+        optimizer.step()
+    return module
+
+
+def make_data(n, d, seed=0):
+    """Inputs N(0, I) and a smooth target sin(x·a) + 0.5 cos(x·b)."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=d) / np.sqrt(d), rng.normal(size=d) / np.sqrt(d)
+    X = rng.normal(size=(n, d))
+    return X, np.sin(X @ a) + 0.5 * np.cos(2 * X @ b)
+
+
+def timed(call):
+    start = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - start
+
+
+def relative(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def mean_kernel_diagonal(module, X):
+    network = FunctionalNetwork(module, dtype=torch.float64, device="cpu")
+    jacobian = JacobianProducts(
+        network, network.theta, torch.as_tensor(X[:200]), batch_size=200
+    )
+    J = jacobian.jacobian(slice(0, 200))
+    return float((J**2).sum((1, 2)).mean())
+
+
+def nystrom(args):
+    n = 500 if args.quick else 2000
+    module = trained_mlp((8, 64, 64, 1))
+    X, y = make_data(n, 8, seed=2)
+    noise = 1e-4 * mean_kernel_diagonal(module, X)
+    print(f"n={n}, MLP 8-64-64-1, noise = 1e-4 x mean kernel diagonal = {noise:.3g}")
+    results = {}
+    for preconditioner in [None, "jacobi", "nystrom", "pivoted_cholesky"]:
+        reg = FiniteNTKRegressor(
+            module,
+            noise=noise,
+            solver="cg",
+            space="function",
+            tol=1e-6,
+            preconditioner=preconditioner,
+            variance="exact",
+            random_state=0,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, seconds = timed(lambda reg=reg: reg.fit(X, y))
+        results[preconditioner] = (reg.n_iter_, reg.rank_, seconds, reg.predict(X[:200]))
+    base_iter, _, base_time, base_pred = results[None]
+    print(
+        f"{'preconditioner':>18} {'iters':>6} {'rank':>5} {'iters/none':>10} "
+        f"{'fit time/none':>13} {'pred rel diff':>13}"
+    )
+    for name, (iters, rank, seconds, pred) in results.items():
+        print(
+            f"{name!s:>18} {iters:6d} {rank:5d} {iters / base_iter:10.3f} "
+            f"{seconds / base_time:13.3f} {relative(pred, base_pred):13.2e}"
+        )
+
+
+def fvp(args):
+    n = 4000 if args.quick else 20000
+    module = trained_mlp((10, 64, 64, 1))
+    X, y = make_data(n, 10, seed=3)
+    common = dict(
+        noise=1e-2,
+        solver="cg",
+        space="parameter",
+        tol=1e-6,
+        preconditioner="nystrom",
+        random_state=0,
+        variance="exact",
+    )
+    fits = {}
+    for product in ["exact", "finite_difference"]:
+        reg = FiniteNTKRegressor(module, fisher_product=product, **common)
+        _, seconds = timed(lambda reg=reg: reg.fit(X, y))
+        fits[product] = (reg, seconds)
+    exact, fd = fits["exact"][0], fits["finite_difference"][0]
+    print(f"n={n}, MLP 10-64-64-1 (p={exact.n_params_}), parameter space, float64")
+    print(
+        "fit time exact / finite difference: "
+        f"{fits['exact'][1] / fits['finite_difference'][1]:.2f}"
+        f"  (iterations {exact.n_iter_} vs {fd.n_iter_})"
+    )
+    Xt = X[:500]
+    print(
+        "prediction rel diff fd vs exact: "
+        f"mean {relative(fd.predict(Xt), exact.predict(Xt)):.2e}"
+    )
+    for dtype in [torch.float32, torch.float64]:
+        network = FunctionalNetwork(module, dtype=dtype, device="cpu")
+        jacobian = JacobianProducts(
+            network, network.theta, torch.as_tensor(X[:5000], dtype=dtype), batch_size=1000
+        )
+        V = torch.randn(
+            network.n_params, 8, dtype=dtype, generator=torch.Generator().manual_seed(0)
+        )
+        exact_product = jacobian.vjp(jacobian.jvp(V))
+        fd_product = jacobian.fisher_product_fd(V)
+        error = torch.linalg.vector_norm(fd_product - exact_product, dim=0)
+        error = error / torch.linalg.vector_norm(exact_product, dim=0)
+        print(
+            f"FVP relative error (8 random v, n=5000) {dtype}: max {float(error.max()):.2e}"
+        )
+
+
+def low_rank(args):
+    n, m = (1000, 300) if args.quick else (3000, 1000)
+    module = trained_mlp((16, 128, 128, 1))
+    X, y = make_data(n + m, 16, seed=4)
+    X, Xt, y = X[:n], X[n:], y[:n]
+    common = dict(noise=1e-2, solver="cg", tol=1e-8, random_state=0)
+    exact = FiniteNTKRegressor(module, variance="exact", **common).fit(X, y)
+    fast = FiniteNTKRegressor(module, variance="low_rank", **common).fit(X, y)
+    std_exact, t_exact = timed(lambda: exact.predict_std(Xt))
+    std_fast, t_fast = timed(lambda: fast.predict_std(Xt))
+    error = np.max(np.abs(std_fast - std_exact) / std_exact)
+    print(
+        f"n={n}, m={m} test points, MLP 16-128-128-1 (p={exact.n_params_}), "
+        f"space={exact.space_}, kernel={exact.kernel_}"
+    )
+    print(
+        f"predict_std time exact / low-rank: {t_exact / t_fast:.2f}; "
+        f"max relative std error {error:.2e} (rank {fast.rank_}, "
+        f"error bound weight {fast.variance_error_bound_:.3g})"
+    )
+
+
+def reference(args):
+    n, m = (600, 200) if args.quick else (3000, 1000)
+    module = trained_mlp((20, 256, 256, 1))
+    X, y = make_data(n + m, 20, seed=5)
+    X, Xt, y = X[:n], X[n:], y[:n]
+    noise, prior = 1e-2, 1.0
+
+    def ours():
+        reg = FiniteNTKRegressor(module, noise=noise, prior=prior).fit(X, y)
+        return reg, reg.predict(Xt, return_std=True)
+
+    def explicit():
+        network = FunctionalNetwork(module, dtype=torch.float64, device="cpu")
+        theta = network.theta
+
+        def jac(inputs):
+            products = JacobianProducts(
+                network, theta, torch.as_tensor(inputs), batch_size=len(inputs)
+            )
+            return products.jacobian(slice(0, len(inputs)))[:, 0, :], products.outputs[:, 0]
+
+        J, f = jac(X)
+        Js, fs = jac(Xt)
+        K = prior * J @ J.T
+        K.diagonal().add_(noise)
+        L = torch.linalg.cholesky(K)
+        alpha = torch.cholesky_solve((torch.as_tensor(y) - f)[:, None], L)[:, 0]
+        cross = prior * J @ Js.T
+        mean = fs + cross.T @ alpha
+        var = prior * (Js**2).sum(1) - (cross * torch.cholesky_solve(cross, L)).sum(0)
+        return mean.numpy(), var.sqrt().numpy()
+
+    (reg, (mean, std)), t_ours = timed(ours)
+    (mean_ref, std_ref), t_ref = timed(explicit)
+    print(
+        f"n={n}, m={m}, MLP 20-256-256-1 (p={reg.n_params_}), defaults: "
+        f"space={reg.space_}, solver={reg.solver_}, kernel={reg.kernel_}"
+    )
+    print(f"fit+predict_std time ours / explicit-Jacobian Cholesky: {t_ours / t_ref:.3f}")
+    print(
+        f"max relative difference: mean {relative(mean, mean_ref):.2e}, "
+        f"std {np.max(np.abs(std - std_ref) / std_ref):.2e}"
+    )
+
+
+def big(args):
+    n, m = (10000, 500) if args.quick else (100000, 2000)
+    module = trained_mlp((32, 128, 128, 1))
+    X, y = make_data(n + m, 32, seed=6)
+    X, Xt, y = X[:n].astype(np.float32), X[n:].astype(np.float32), y[:n]
+    reg = FiniteNTKRegressor(
+        module, noise=1e-2, dtype="float32", tol=1e-4, batch_size=2048, random_state=0
+    )
+    _, t_fit = timed(lambda: reg.fit(X, y))
+    _, t_std = timed(lambda: reg.predict(Xt, return_std=True))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    dense_gb = n * reg.n_params_ * 4 / 2**30
+    print(
+        f"n={n}, MLP 32-128-128-1 (p={reg.n_params_}), float32: space={reg.space_}, "
+        f"solver={reg.solver_}, preconditioner={reg.preconditioner_}, "
+        f"{reg.n_iter_} CG iterations, rank {reg.rank_}"
+    )
+    print(
+        f"fit {t_fit:.1f} s + predict(return_std) on {m} points {t_std:.1f} s = "
+        f"{(t_fit + t_std) / 60:.2f} min; peak RSS {peak:.2f} GiB "
+        f"(a dense Jacobian alone: {dense_gb:.1f} GiB)"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "experiment", choices=["nystrom", "fvp", "low_rank", "reference", "big"]
+    )
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    globals()[args.experiment](args)
+
+
+if __name__ == "__main__":
+    main()
