@@ -1,0 +1,210 @@
+"""FiniteNTKRegressor inside the scikit-learn ecosystem, through its public API only.
+
+Pipelines, grid search (serial, joblib processes, dask), cross-validation, pickling,
+cloning and pandas input, on small MLPs and at most 200 samples.
+"""
+
+import io
+import pickle
+import warnings
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.datasets import load_diabetes
+from sklearn.linear_model import Ridge
+from sklearn.metrics import r2_score
+from sklearn.model_selection import (
+    GridSearchCV,
+    KFold,
+    cross_val_score,
+    cross_validate,
+)
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from sklearn_fntk import FiniteNTKRegressor
+
+GRID = {
+    "finiteNTKregressor__noise": [0.1, 0.3, 1.0],
+    "finiteNTKregressor__prior": [0.1, 1.0, 10.0],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On shared, loaded cores two OpenMP threads made these small fits 20-50x slower
+    than one (joblib already gives its worker processes one thread each)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(n_in=10, n_out=1, hidden=16, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, n_out)
+    )
+
+
+@pytest.fixture(scope="module")
+def diabetes():
+    """The first 150 diabetes samples, y standardised."""
+    X, y = load_diabetes(return_X_y=True)
+    X, y = X[:150], y[:150]
+    return X, (y - y.mean()) / y.std()
+
+
+def search(n_jobs=None):
+    pipeline = Pipeline(
+        [("scale", StandardScaler()), ("finiteNTKregressor", FiniteNTKRegressor(mlp()))]
+    )
+    return GridSearchCV(pipeline, GRID, cv=3, n_jobs=n_jobs)
+
+
+@pytest.fixture(scope="module")
+def serial_search(diabetes):
+    return search().fit(*diabetes)
+
+
+def assert_same_search(found, reference):
+    assert found.best_params_ == reference.best_params_
+    np.testing.assert_allclose(
+        found.cv_results_["mean_test_score"],
+        reference.cv_results_["mean_test_score"],
+        rtol=1e-10,
+    )
+
+
+def test_grid_search_in_pipeline_with_two_processes(diabetes, serial_search):
+    assert len(serial_search.cv_results_["params"]) == 9
+    assert np.all(np.isfinite(serial_search.cv_results_["mean_test_score"]))
+    assert_same_search(search(n_jobs=2).fit(*diabetes), serial_search)
+
+
+def test_grid_search_on_dask(diabetes, serial_search):
+    pytest.importorskip("dask")
+    distributed = pytest.importorskip("dask.distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    )
+    with cluster, distributed.Client(cluster), joblib.parallel_backend("dask"):
+        found = search(n_jobs=-1).fit(*diabetes)
+    assert_same_search(found, serial_search)
+
+
+def test_cross_val_score_and_cross_validate(diabetes):
+    X, y = diabetes
+    X = StandardScaler().fit_transform(X)
+    regressor = FiniteNTKRegressor(mlp(), noise=0.3)
+    cv = KFold(3)
+    scores = cross_val_score(regressor, X, y, cv=cv)
+    expected = [
+        clone(regressor).fit(X[train], y[train]).score(X[test], y[test])
+        for train, test in cv.split(X)
+    ]
+    np.testing.assert_allclose(scores, expected, rtol=1e-12)
+
+    results = cross_validate(
+        regressor,
+        X,
+        y,
+        cv=cv,
+        scoring=["r2", "neg_mean_squared_error"],
+        return_estimator=True,
+    )
+    np.testing.assert_allclose(results["test_r2"], expected, rtol=1e-12)
+    assert np.all(results["test_neg_mean_squared_error"] < 0)
+    networks = [estimator.network_ for estimator in results["estimator"]]
+    assert len({id(network) for network in networks}) == 3
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_pickle_and_joblib_round_trips_predict_identically(diabetes, solver):
+    X, y = diabetes
+    X = StandardScaler().fit_transform(X)
+    regressor = FiniteNTKRegressor(mlp(), noise=0.3, solver=solver, tol=1e-10)
+    regressor.fit(X[:100], y[:100])
+    mean, std = regressor.predict(X[100:], return_std=True)
+
+    restored = [pickle.loads(pickle.dumps(regressor))]
+    buffer = io.BytesIO()
+    joblib.dump(regressor, buffer)
+    buffer.seek(0)
+    restored.append(joblib.load(buffer))
+    for copy in restored:
+        assert copy.solver_ == solver
+        copy_mean, copy_std = copy.predict(X[100:], return_std=True)
+        np.testing.assert_array_equal(copy_mean, mean)
+        np.testing.assert_array_equal(copy_std, std)
+
+
+def test_clone_copies_the_network_independently(diabetes):
+    X, y = diabetes
+    X = StandardScaler().fit_transform(X)
+    net = mlp()
+    original_weights = [t.detach().clone() for t in net.parameters()]
+    regressor = FiniteNTKRegressor(net, noise=0.3).fit(X, y)
+    before = regressor.predict(X)
+
+    copy = clone(regressor)
+    assert copy.network is not regressor.network
+    copy.fit(X, y)
+    np.testing.assert_array_equal(copy.predict(X), before)
+    assert copy.network_ is not regressor.network_
+    with torch.no_grad():
+        for tensor in copy.network_.parameters():
+            tensor.add_(1.0)
+        for tensor in copy.network.parameters():
+            tensor.mul_(-2.0)
+
+    np.testing.assert_array_equal(regressor.predict(X), before)
+    for tensor, weights in zip(net.parameters(), original_weights, strict=True):
+        torch.testing.assert_close(tensor.detach(), weights, rtol=0, atol=0)
+    for tensor, weights in zip(
+        regressor.network_.parameters(), original_weights, strict=True
+    ):
+        torch.testing.assert_close(tensor.detach().float(), weights, rtol=0, atol=0)
+
+
+def test_pandas_feature_names_follow_scikit_learn(diabetes):
+    X, y = diabetes
+    columns = [f"x{i}" for i in range(X.shape[1])]
+    frame = pd.DataFrame(StandardScaler().fit_transform(X), columns=columns)
+    regressor = FiniteNTKRegressor(mlp(), noise=0.3).fit(frame, y)
+    np.testing.assert_array_equal(regressor.feature_names_in_, columns)
+    assert regressor.n_features_in_ == X.shape[1]
+    reference = Ridge().fit(frame, y)
+
+    renamed = frame.rename(columns={"x0": "other"})
+    # scikit-learn >= 1.2 raises (not warns) on feature names that differ from fit
+    with pytest.raises(ValueError, match="feature names should match") as expected:
+        reference.predict(renamed)
+    with pytest.raises(ValueError, match="feature names should match") as raised:
+        regressor.predict(renamed)
+    assert str(raised.value) == str(expected.value)
+
+    # ... and warns on an array without names after fitting with names
+    with pytest.warns(UserWarning, match="does not have valid feature names"):
+        reference.predict(frame.to_numpy())
+    with pytest.warns(UserWarning, match="does not have valid feature names"):
+        unnamed = regressor.predict(frame.to_numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(regressor.predict(frame), unnamed)
+
+
+def test_multi_output_score_is_uniform_average_r2(diabetes):
+    X, y = diabetes
+    X = StandardScaler().fit_transform(X)
+    rng = np.random.default_rng(0)
+    Y = np.column_stack([y, np.tanh(X[:, 2]) + 0.1 * rng.normal(size=len(y)), X[:, 3]])
+    regressor = FiniteNTKRegressor(mlp(n_out=3), noise=0.3).fit(X[:100], Y[:100])
+    prediction = regressor.predict(X[100:])
+    assert prediction.shape == (50, 3)
+    expected = r2_score(Y[100:], prediction, multioutput="uniform_average")
+    assert regressor.score(X[100:], Y[100:]) == pytest.approx(expected, rel=1e-12)
