@@ -36,11 +36,15 @@ class _Operator:
         """diag A, shape (d,)."""
         return self.psd_diagonal() + self.shift
 
-    def dense(self):
-        """A assembled, shape (d, d)."""
-        A = self.psd_dense()
+    def dense(self, gram=None):
+        """A assembled, shape (d, d), from ``gram`` (J Jᵀ or JᵀJ) if given."""
+        A = self.psd_dense() if gram is None else self.gram_scale * gram
         A.diagonal().add_(self.shift)
         return A
+
+    def psd_dense(self):
+        """P assembled, shape (d, d)."""
+        return self.gram_scale * self.gram_dense()
 
     def test_jacobian(self, X):
         """Jacobian rows of test inputs X at θ, shape (m·k, p)."""
@@ -67,6 +71,7 @@ class KernelOperator(_Operator):
         super().__init__(jacobian, prior=prior, noise=noise)
         self.structured = structured
         self.shift = noise
+        self.gram_scale = prior  # P = s·G with G = J Jᵀ
 
     @property
     def size(self):
@@ -95,10 +100,10 @@ class KernelOperator(_Operator):
         unit[index] = 1.0
         return self.psd_matmat(unit)[:, 0]
 
-    def psd_dense(self):
-        """s·J Jᵀ from explicit Jacobian blocks: block (i, j) is s·J_i J_jᵀ."""
+    def gram_dense(self):
+        """G = J Jᵀ from explicit Jacobian blocks: block (i, j) is J_i J_jᵀ."""
         if self.structured is not None:
-            return self.prior * self.structured.dense()
+            return self.structured.dense()
         chunks, k = self.jacobian.chunks, self.n_outputs
         rows = [slice(c.start * k, c.stop * k) for c in chunks]
         K = self.jacobian.w.new_empty(self.size, self.size)
@@ -106,7 +111,7 @@ class KernelOperator(_Operator):
             J_i = self.jacobian.jacobian(chunk_i).flatten(0, 1)
             for j in range(i + 1):
                 J_j = J_i if j == i else self.jacobian.jacobian(chunks[j]).flatten(0, 1)
-                block = self.prior * (J_i @ J_j.T)
+                block = J_i @ J_j.T
                 K[rows[i], rows[j]] = block
                 K[rows[j], rows[i]] = block.T
         return K
@@ -153,6 +158,7 @@ class ParameterOperator(_Operator):
         super().__init__(jacobian, prior=prior, noise=noise)
         self.fisher_product = fisher_product
         self.shift = noise / prior
+        self.gram_scale = 1.0  # P = JᵀJ
 
     @property
     def size(self):
@@ -168,7 +174,7 @@ class ParameterOperator(_Operator):
         """Σ_(i,k) J[i, k, p]², shape (p,)."""
         return sum((J**2).sum((0, 1)) for _, J in self.jacobian.jacobian_blocks())
 
-    def psd_dense(self):
-        """Σ_chunks J_cᵀ J_c from explicit Jacobian blocks."""
+    def gram_dense(self):
+        """JᵀJ = Σ_chunks J_cᵀ J_c from explicit Jacobian blocks."""
         blocks = (J.flatten(0, 1) for _, J in self.jacobian.jacobian_blocks())
         return sum(J.T @ J for J in blocks)

@@ -73,6 +73,9 @@ class GaussianPosterior:
     structured : LayerwiseKernel or None
         Per-layer kernel for function space (Linear/elementwise networks).
     variance : {"exact", "low_rank"}
+    gram : torch.Tensor of shape (d, d) or None
+        J Jᵀ (function space) or JᵀJ (parameter space) already assembled, reused
+        by the dense solver instead of assembling it again.
     rank : int or None
         Rank of the Nyström / pivoted Cholesky preconditioner and of the low-rank
         variance; None grows it adaptively up to ``max_rank``.
@@ -112,6 +115,7 @@ class GaussianPosterior:
         fisher_product="exact",
         structured=None,
         variance="exact",
+        gram=None,
         rank=None,
         max_rank=512,
         tol=1e-6,
@@ -139,7 +143,7 @@ class GaussianPosterior:
         if variance == "low_rank":
             self._low_rank = self._low_rank_variance(**sketch_options)
         if solver == "dense":
-            self._factor = self._dense_factor()
+            self._factor = self._dense_factor(gram)
         elif preconditioner is not None:
             self._preconditioner = self._build_preconditioner(
                 preconditioner, **sketch_options
@@ -162,7 +166,7 @@ class GaussianPosterior:
 
     # -- setup ------------------------------------------------------------------------
 
-    def _dense_factor(self):
+    def _dense_factor(self, gram=None):
         """Cholesky factor of the assembled operator, after checking it fits."""
         size, jacobian = self.operator.size, self.operator.jacobian
         check_fits(
@@ -172,7 +176,7 @@ class GaussianPosterior:
             f"The dense {self.space}-space system",
             "use solver='cg', or the smaller space (space='auto')",
         )
-        return cholesky(self.operator.dense(), f"{self.space}-space system")
+        return cholesky(self.operator.dense(gram), f"{self.space}-space system")
 
     def _nystrom(self, ratio, rank, max_rank, generator):
         """Nyström sketch of the PSD part P of the operator (r products with P)."""

@@ -1,14 +1,18 @@
 """FiniteNTKRegressor: exact GP regression with the finite NTK of a trained network."""
 
+import warnings
 from numbers import Real
 
 import torch
 from sklearn.base import RegressorMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import FiniteNTKBase
+from ._evidence import SpectralEvidence
+from ._operators import KernelOperator, ParameterOperator
 from ._posterior import GaussianPosterior
 
 __all__ = ["FiniteNTKRegressor"]
@@ -72,6 +76,14 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
     rank : int or None, default=None
         Rank of the Nyström / pivoted Cholesky preconditioner and of the low-rank
         variance; None grows it adaptively (up to 512).
+    optimize : bool, default=False
+        Fit ``noise`` and ``prior`` by maximising the exact log marginal likelihood
+        (L-BFGS-B on their logarithms, started at ``noise`` and ``prior`` plus two
+        random restarts); the results are ``noise_`` and ``prior_``, as
+        GaussianProcessRegressor's ``kernel_`` is to ``kernel``. One eigendecomposition
+        of J Jᵀ (or JᵀJ) serves every candidate pair, so this needs the dense solver.
+        Note that the predictive mean depends on noise and prior only through their
+        ratio: cross-validating the mean cannot fix both, the evidence can.
     tol : float, default=1e-6
         CG stops when the relative residual ‖b - Ax‖/‖b‖ of every column is below.
     max_iter : int or None, default=None
@@ -102,6 +114,9 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         The resolved solve space and solver.
     n_iter_ : int
         CG iterations of the fit (1 for the dense solver: one direct solve).
+    noise_, prior_ : float
+        The noise and prior variances used: ``noise`` and ``prior``, or their
+        evidence-maximising values when ``optimize=True``.
     kernel_ : {"layerwise", "autodiff"}
         "layerwise" when the network is Linear layers and elementwise activations
         and the solve is in function space: kernel products, diagonals and columns
@@ -130,6 +145,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
     _parameter_constraints = {
         **FiniteNTKBase._parameter_constraints,
         "noise": [Interval(Real, 0, None, closed="neither")],
+        "optimize": ["boolean"],
     }
 
     def __init__(
@@ -146,6 +162,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         fisher_product="exact",
         variance="auto",
         rank=None,
+        optimize=False,
         tol=1e-6,
         max_iter=None,
         batch_size=1024,
@@ -165,6 +182,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         self.fisher_product = fisher_product
         self.variance = variance
         self.rank = rank
+        self.optimize = optimize
         self.tol = tol
         self.max_iter = max_iter
         self.batch_size = batch_size
@@ -221,17 +239,22 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         residuals = self._tensor(Y)
         if self.prior_mean == "network":
             residuals = residuals - jacobian.outputs
+        self.noise_, self.prior_, gram = self.noise, self.prior, None
+        if self.optimize:
+            gram, best = self._maximize_evidence(jacobian, residuals, structured)
+            self.noise_, self.prior_ = best.noise, best.prior
         self._posterior = GaussianPosterior(
             jacobian,
             residuals,
-            prior=self.prior,
-            noise=self.noise,
+            prior=self.prior_,
+            noise=self.noise_,
             space=self.space_,
             solver=self.solver_,
             preconditioner=self.preconditioner_,
             fisher_product=self.fisher_product,
             structured=structured,
             variance=self.variance_,
+            gram=gram,
             rank=self.rank,
             tol=self.tol,
             max_iter=self.max_iter,
@@ -243,6 +266,44 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         self.rank_ = self._posterior.rank
         self.variance_error_bound_ = self._posterior.variance_error_bound
         return self
+
+    def _maximize_evidence(self, jacobian, residuals, structured):
+        """(noise, prior) maximising log p(y), from one eigendecomposition.
+
+        The kernel J Jᵀ (or the Fisher JᵀJ) does not depend on noise and prior, so
+        one symmetric eigendecomposition gives the evidence and its gradient for
+        every pair (see ``SpectralEvidence``). Returns the assembled matrix too, for
+        the dense solve at the optimum.
+        """
+        if self.solver_ != "dense":
+            raise ValueError(
+                "optimize=True maximises the exact evidence from a dense "
+                f"eigendecomposition, but this fit uses solver={self.solver_!r} (a "
+                f"{self.space_}-space system too large for the dense solver). Use "
+                "solver='dense' if it fits in memory, or choose noise and prior by "
+                "GridSearchCV."
+            )
+        r = residuals.reshape(-1)
+        if self.space_ == "function":
+            operator = KernelOperator(
+                jacobian, prior=1.0, noise=self.noise, structured=structured
+            )
+            gram = operator.gram_dense()
+            evidence = SpectralEvidence.from_kernel(gram, r)
+        else:
+            gram = ParameterOperator(jacobian, prior=1.0, noise=self.noise).gram_dense()
+            evidence = SpectralEvidence.from_fisher(
+                gram, jacobian.vjp(residuals), float(r @ r), r.numel()
+            )
+        best = evidence.maximize(self.noise, self.prior, random_state=self._seed())
+        if not best.converged:
+            warnings.warn(
+                "Maximising the log marginal likelihood over noise and prior did not "
+                f"converge; using noise={best.noise:.3g}, prior={best.prior:.3g}.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return gram, best
 
     def _shape_outputs(self, array):
         """(m, k) -> (m,) when fitted on a 1-D y."""
@@ -314,7 +375,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         check_is_fitted(self)
         variance = self._latent_variance(self._tensor(self._validate_predict_X(X)))
         if include_noise:
-            variance = variance + self.noise
+            variance = variance + self.noise_
         return self._shape_outputs(self._numpy(torch.sqrt(variance)))
 
     def sample_y(self, X, n_samples=1, random_state=0):
