@@ -171,7 +171,7 @@ def low_rank(args):
     print(
         f"predict_std time exact / low-rank: {t_exact / t_fast:.2f}; "
         f"max relative std error {error:.2e} (rank {fast.rank_}, "
-        f"error bound weight {fast.variance_error_bound_:.3g})"
+        f"error bound weight {fast.variance_tail_weight_:.3g})"
     )
 
 

@@ -16,9 +16,11 @@ eigenpairs (f_j, v_j) of the Fisher JᵀJ and c = σ²/s,
 
     Σ = s·(I - Σ_j f_j/(f_j + c) v_j v_jᵀ)                  (exact over all j)
 
-and keeping r terms gives var(x*) = s·(‖J*‖² - Σ_j≤r f_j/(f_j + c)(J* v_j)²), an
-overestimate by at most s·f_(r+1)/(f_(r+1) + c)·‖J*‖² (LOVE-style, Pleiss et al.
-2018: cached at fit time, O(r) Jacobian products per test batch, no training data).
+and keeping r terms gives var(x*) = s·(‖J*‖² - Σ_j≤r f_j/(f_j + c)(J* v_j)²), never
+below the exact variance (see ``_low_rank_variance``) and, when the v_j are the top
+eigenvectors, above it by at most s·f_(r+1)/(f_(r+1) + c)·‖J*‖² (LOVE-style, Pleiss
+et al. 2018: cached at fit time, O(r) Jacobian products per test batch, no training
+data).
 """
 
 import math
@@ -97,9 +99,9 @@ class GaussianPosterior:
         Final relative CG residual (0 for the dense solver).
     rank : int
         Rank of the preconditioner or low-rank variance actually built (0 if none).
-    variance_error_bound : float or None
-        Low-rank variance: f_r/(f_r + c), the bound on the relative overestimate of
-        the prior-minus-posterior term for directions past the sketch.
+    variance_tail_weight : float or None
+        Low-rank variance: f_r/(f_r + c), the weight of the last direction kept; the
+        directions past the sketch weigh about this much or less.
     """
 
     def __init__(
@@ -138,7 +140,7 @@ class GaussianPosterior:
         self._factor = None
         self._preconditioner = None
         self._low_rank = None
-        self.rank, self.variance_error_bound = 0, None
+        self.rank, self.variance_tail_weight = 0, None
         sketch_options = dict(rank=rank, max_rank=max_rank, generator=generator)
         if variance == "low_rank":
             self._low_rank = self._low_rank_variance(**sketch_options)
@@ -207,13 +209,18 @@ class GaussianPosterior:
         return built
 
     def _low_rank_variance(self, rank, max_rank, generator):
-        """Top eigenpairs (f, V) of JᵀJ and the weights f/(f + c), from a sketch.
+        """Eigenpairs (f, V) of JᵀJ and the weights f/(f + c), from a sketch.
 
-        The Nyström sketch of P gives an orthonormal basis U of its dominant
-        subspace; a Rayleigh-Ritz step makes the eigenpairs exact on that subspace
-        (and V exactly orthonormal). With C = Jᵀ U (function space, P = s·J Jᵀ) or
-        C = J U (parameter space, P = JᵀJ), CᵀC = Q diag(f) Qᵀ, and the Ritz vectors
-        of JᵀJ are V = C Q f^-½ or V = U Q, respectively: r products with J.
+        The Nyström sketch of P gives the dominant subspace; U (n·k, r) is an
+        orthonormal basis of it in function space (the sketch's eigenvectors there;
+        in parameter space, those of JᵀJ mapped through J and orthonormalised).
+        With C = Jᵀ U and CᵀC = UᵀJJᵀU = Q diag(f) Qᵀ, V = C Q f^-½ is exactly
+        orthonormal and
+
+            V diag(f/(f + c)) Vᵀ = Jᵀ U (Uᵀ(JJᵀ + cI)U)⁻¹ Uᵀ J ⪯ Jᵀ (JJᵀ + cI)⁻¹ J,
+
+        because U (UᵀAU)⁻¹ Uᵀ ⪯ A⁻¹ for A positive definite and U orthonormal: the
+        low-rank variance never falls below the exact one.
         """
         c = self.noise / self.prior
         # Stop once λ_r ≤ ratio·shift, i.e. the weight f_r/(f_r + c) ≤ LOW_RANK_WEIGHT.
@@ -221,19 +228,18 @@ class GaussianPosterior:
         sketch = self._nystrom(ratio, rank, max_rank, generator)
         U = sketch.eigenvectors[:, sketch.eigenvalues > 0]
         jacobian = self.operator.jacobian
-        if self.space == "function":
-            shape = (self.operator.n_samples, self.operator.n_outputs, U.shape[1])
-            C = jacobian.vjp(U.reshape(shape))
-        else:
-            C = jacobian.jvp(U).reshape(-1, U.shape[1])
+        if self.space == "parameter":
+            U = torch.linalg.qr(jacobian.jvp(U).reshape(-1, U.shape[1])).Q
+        shape = (self.operator.n_samples, self.operator.n_outputs, U.shape[1])
+        C = jacobian.vjp(U.reshape(shape))
         fisher, Q = torch.linalg.eigh(C.T @ C)
         fisher, Q = fisher.flip(0), Q.flip(1)  # descending
         keep = fisher > torch.finfo(fisher.dtype).eps * fisher[0]
         fisher, Q = fisher[keep], Q[:, keep]
-        V = (C @ Q) / fisher.sqrt() if self.space == "function" else U @ Q
+        V = (C @ Q) / fisher.sqrt()
         weights = fisher / (fisher + c)
         self.rank = int(weights.numel())
-        self.variance_error_bound = float(weights[-1]) if self.rank else 1.0
+        self.variance_tail_weight = float(weights[-1]) if self.rank else 1.0
         return sketch, V, weights
 
     # -- solves -----------------------------------------------------------------------

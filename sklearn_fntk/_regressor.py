@@ -69,8 +69,9 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         uses the top eigenpairs of the Fisher JᵀJ cached at fit time (a Nyström
         sketch grown until the first dropped direction carries at most 1% weight,
         capped at rank 512), so predicting needs O(rank) Jacobian products over the
-        test points and no training data. It overestimates the variance by at most
-        ``prior · w_r · ‖J(x)‖²`` with ``w_r`` reported as ``variance_error_bound_``.
+        test points and no training data. It never underestimates the exact
+        variance; the overestimate is about ``prior · w · ‖J(x)‖²`` at most, with
+        ``w`` the weight of the last direction kept, ``variance_tail_weight_``.
         "auto": exact with the dense solver, low-rank with CG. ``return_cov`` is
         always exact.
     rank : int or None, default=None
@@ -125,7 +126,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         The resolved preconditioner and variance method.
     rank_ : int
         Rank of the preconditioner / low-rank variance built (0 if none).
-    variance_error_bound_ : float or None
+    variance_tail_weight_ : float or None
         For the low-rank variance, see ``variance``.
     forward_mode_ : bool
         False when the network lacks forward-mode rules and J·v uses a double VJP.
@@ -264,7 +265,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         self.delta_ = self._posterior.delta
         self.n_iter_ = self._posterior.n_iter
         self.rank_ = self._posterior.rank
-        self.variance_error_bound_ = self._posterior.variance_error_bound
+        self.variance_tail_weight_ = self._posterior.variance_tail_weight
         return self
 
     def _maximize_evidence(self, jacobian, residuals, structured):
@@ -397,7 +398,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         rng = check_random_state(random_state)
         mean = self._numpy(self._latent_mean(X)).reshape(-1)
         cov = self._numpy(self._latent_covariance(X))
-        draws = rng.multivariate_normal(mean, cov, n_samples, method="eigh").T
+        draws = rng.multivariate_normal(mean, cov, n_samples).T
         draws = draws.reshape(X.shape[0], self.n_outputs_, n_samples)
         return draws[:, 0, :] if self._y_ndim == 1 else draws
 

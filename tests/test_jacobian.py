@@ -1,0 +1,197 @@
+"""JacobianProducts (chunked JVP / VJP) against the explicit jacrev Jacobian."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from networks import (  # noqa: F401 (single_thread is an autouse fixture)
+    cnn,
+    mlp,
+    no_jvp_net,
+    regression_data,
+    single_thread,
+)
+from reference import reference_jacobian, reference_posterior
+from torch.func import jvp
+
+from sklearn_fntk import FiniteNTKRegressor
+from sklearn_fntk._jacobian import JacobianProducts, outputs_and_jvp
+from sklearn_fntk._network import FunctionalNetwork
+
+# torch warns from its own lazy imports on first forward-mode use.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
+
+
+CACHED, UNCACHED = 1 << 30, 0
+RTOL = 1e-10
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(
+        np.asarray(actual), expected, rtol=rtol, atol=rtol * np.abs(expected).max()
+    )
+
+
+def setup(module, X, parameters=None, batch_size=7, cache_bytes=UNCACHED):
+    """(JacobianProducts, reference outputs (n, k), reference J (n*k, p))."""
+    network = FunctionalNetwork(module, parameters, dtype=torch.float64, device="cpu")
+    products = JacobianProducts(
+        network,
+        network.theta,
+        torch.as_tensor(X),
+        batch_size=batch_size,
+        cache_bytes=cache_bytes,
+    )
+    outputs, J = reference_jacobian(module, X, parameters)
+    return products, outputs, J
+
+
+def check_products(products, outputs, J, n_columns=4, seed=0):
+    n, k = outputs.shape
+    p = J.shape[1]
+    assert (products.n_samples, products.n_outputs, products.n_params) == (n, k, p)
+    assert_close(products.outputs, outputs)
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(p, generator=g, dtype=torch.float64)
+    V = torch.randn(p, n_columns, generator=g, dtype=torch.float64)
+    u = torch.randn(n, k, generator=g, dtype=torch.float64)
+    U = torch.randn(n, k, n_columns, generator=g, dtype=torch.float64)
+
+    Jv = products.jvp(v)
+    assert Jv.shape == (n, k)
+    assert_close(Jv, (J @ v).reshape(n, k))
+    JV = products.jvp(V)
+    assert JV.shape == (n, k, n_columns)
+    assert_close(JV, (J @ V).reshape(n, k, n_columns))
+
+    Jtu = products.vjp(u)
+    assert Jtu.shape == (p,)
+    assert_close(Jtu, J.T @ u.reshape(-1))
+    JtU = products.vjp(U)
+    assert JtU.shape == (p, n_columns)
+    assert_close(JtU, J.T @ U.reshape(n * k, n_columns))
+    # One column passed as a matrix is the same as the vector.
+    assert_close(products.jvp(v[:, None])[..., 0], Jv)
+    assert_close(products.vjp(u[..., None])[:, 0], Jtu)
+
+
+@pytest.mark.parametrize("cache_bytes", [UNCACHED, CACHED], ids=["uncached", "cached"])
+@pytest.mark.parametrize("batch_size", [7, 16, 64])
+def test_mlp_products_match_explicit_jacobian(batch_size, cache_bytes):
+    X, _, _ = regression_data(n=30, n_outputs=2, seed=10)
+    products, outputs, J = setup(mlp(n_out=2, seed=10), X, None, batch_size, cache_bytes)
+    assert products.cached == (cache_bytes > 0)
+    assert products.forward_mode
+    assert len(products.chunks) == -(-30 // batch_size)
+    check_products(products, outputs, J)
+
+
+@pytest.mark.parametrize("cache_bytes", [UNCACHED, CACHED], ids=["uncached", "cached"])
+def test_cnn_products_match_explicit_jacobian(cache_bytes):
+    X, _, _ = regression_data(n=10, image=True, seed=11)
+    products, outputs, J = setup(cnn(seed=11), X, None, 4, cache_bytes)
+    assert products.cached == (cache_bytes > 0)
+    check_products(products, outputs, J, n_columns=2)
+
+
+@pytest.mark.parametrize("cache_bytes", [UNCACHED, CACHED], ids=["uncached", "cached"])
+def test_parameter_subset_products(cache_bytes):
+    X, _, _ = regression_data(n=20, n_outputs=3, seed=12)
+    names = ["0.bias", "2.weight"]
+    products, outputs, J = setup(mlp(n_out=3, seed=12), X, names, 6, cache_bytes)
+    assert J.shape[1] == 12 + 3 * 12
+    check_products(products, outputs, J)
+
+
+def test_explicit_jacobian_blocks_and_outputs_and_jvp():
+    X, _, _ = regression_data(n=23, n_outputs=2, seed=13)
+    products, outputs, J = setup(mlp(n_out=2, seed=13), X, None, 5)
+    n, k = outputs.shape
+    blocks = [block for _, block in products.jacobian_blocks()]
+    assert [b.shape[0] for b in blocks] == [5, 5, 5, 5, 3]
+    assert_close(torch.cat(blocks).reshape(n * k, -1), J)
+    V = torch.randn(J.shape[1], 3, dtype=torch.float64)
+    for forward_mode in (True, False):
+        f, JV = outputs_and_jvp(
+            products.network, products.w, torch.as_tensor(X), V, forward_mode
+        )
+        assert_close(f, outputs)
+        assert_close(JV, (J @ V).reshape(n, k, 3))
+
+
+def test_cached_products_survive_pickling():
+    X, _, _ = regression_data(n=20, n_outputs=2, seed=14)
+    products, outputs, J = setup(mlp(n_out=2, seed=14), X, None, 8, CACHED)
+    clone = pickle.loads(pickle.dumps(products))
+    assert clone.cached
+    check_products(clone, outputs, J, seed=1)
+
+
+def test_finite_difference_fisher_product():
+    """Maddox et al.'s product: JᵀJ v up to O(√eps) in float64."""
+    X, _, _ = regression_data(n=20, n_outputs=2, seed=15)
+    products, _, J = setup(mlp(n_out=2, seed=15), X, None, 8)
+    V = torch.randn(J.shape[1], 3, dtype=torch.float64)
+    assert_close(products.fisher_product_fd(V), J.T @ (J @ V), rtol=1e-5)
+
+
+# -- networks without forward-mode rules: the double-VJP fallback ---------------------
+
+
+def test_custom_function_has_no_forward_mode():
+    """Guard: torch.func.jvp really fails on the network the fallback tests use."""
+    net = no_jvp_net().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(NotImplementedError):
+        jvp(net, (x,), (x,))
+
+
+@pytest.mark.parametrize("cache_bytes", [UNCACHED, CACHED], ids=["uncached", "cached"])
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_double_vjp_fallback_matches_explicit_jacobian(batch_size, cache_bytes):
+    X, _, _ = regression_data(n=30, n_outputs=2, seed=16)
+    products, outputs, J = setup(no_jvp_net(seed=16), X, None, batch_size, cache_bytes)
+    assert products.forward_mode is False
+    assert products.cached == (cache_bytes > 0)
+    check_products(products, outputs, J)
+    f, JV = outputs_and_jvp(
+        products.network, products.w, torch.as_tensor(X), J.new_ones(J.shape[1], 2), False
+    )
+    assert_close(f, outputs)
+    assert_close(JV, (J @ J.new_ones(J.shape[1], 2)).reshape(*outputs.shape, 2))
+
+
+@pytest.mark.parametrize(
+    "space, solver",
+    [
+        ("function", "dense"),
+        ("parameter", "dense"),
+        ("function", "cg"),
+        ("parameter", "cg"),
+    ],
+)
+def test_regressor_without_forward_mode_matches_reference(space, solver):
+    X, Y, X_test = regression_data(n=30, m=8, n_outputs=2, seed=17)
+    net = no_jvp_net(seed=17)
+    params = dict(
+        noise=0.1, prior=0.5, space=space, solver=solver, tol=1e-12, batch_size=16
+    )
+    if solver == "cg":
+        params.update(preconditioner=None, variance="exact")
+    est = FiniteNTKRegressor(net, **params).fit(X, Y)
+    assert est.forward_mode_ is False
+    ref = reference_posterior(net, X, Y, X_test, noise=0.1, prior=0.5)
+    mean, std = est.predict(X_test, return_std=True)
+    assert_close(mean, ref.mean, rtol=1e-6)
+    assert_close(std, ref.std, rtol=1e-5)
+    np.testing.assert_allclose(est.log_marginal_likelihood(), ref.lml, rtol=1e-6)
+
+
+def test_regressor_with_forward_mode_reports_it():
+    X, Y, _ = regression_data(n=10, seed=18)
+    est = FiniteNTKRegressor(mlp(seed=18), noise=0.1).fit(X, Y[:, 0])
+    assert est.forward_mode_ is True

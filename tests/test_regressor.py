@@ -1,0 +1,486 @@
+"""FiniteNTKRegressor against the independent dense float64 reference (reference.py)."""
+
+import copy
+import functools
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from networks import (  # noqa: F401 (single_thread is an autouse fixture)
+    batchnorm_dropout_net,
+    cnn,
+    mlp,
+    regression_data,
+    single_thread,
+)
+from reference import reference_jacobian, reference_posterior
+from sklearn.metrics import r2_score
+
+from sklearn_fntk import FiniteNTKRegressor
+
+# torch warns from its own lazy imports on first forward-mode use.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
+
+
+NOISE, PRIOR = 0.1, 0.5
+# Chunks of 16 samples: neither n=30 nor m=20 is a multiple.
+BATCH_SIZE = 16
+MEAN_RTOL, STD_RTOL, LML_RTOL = 1e-6, 1e-5, 1e-6
+
+# Largest relative errors seen (printed at the end of the module with ``-s``).
+MAX_ERRORS = {"mean": 0.0, "std": 0.0, "lml": 0.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_errors():
+    yield
+    print(
+        "\n[test_regressor] largest relative errors vs reference: "
+        + ", ".join(f"{key} {value:.2e}" for key, value in MAX_ERRORS.items())
+    )
+
+
+def _record(key, actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = np.maximum(np.abs(expected), 1e-3 * np.abs(expected).max())
+    error = float(np.max(np.abs(actual - expected) / scale))
+    MAX_ERRORS[key] = max(MAX_ERRORS[key], error)
+
+
+def assert_close(actual, expected, rtol):
+    """Relative comparison, with an absolute floor well below the data's scale."""
+    expected = np.asarray(expected)
+    atol = 1e-3 * rtol * float(np.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+# -- cases ------------------------------------------------------------------------------
+
+
+@functools.cache
+def case(name):
+    """(network, X, y, X_test, parameters) for a named case."""
+    if name == "single":
+        X, Y, X_test = regression_data(seed=1)
+        return mlp(n_out=1, seed=1), X, Y[:, 0], X_test, None
+    if name == "multi3":
+        X, Y, X_test = regression_data(n_outputs=3, seed=2)
+        return mlp(n_out=3, hidden=10, seed=2), X, Y, X_test, None
+    if name == "cnn":
+        X, Y, X_test = regression_data(image=True, seed=3)
+        return cnn(seed=3), X, Y[:, 0], X_test, None
+    if name == "last_layer":
+        X, Y, X_test = regression_data(n_outputs=2, seed=4)
+        return mlp(n_out=2, hidden=16, seed=4), X, Y, X_test, ["2.weight", "2.bias"]
+    if name == "batchnorm":
+        X, Y, X_test = regression_data(seed=5)
+        return batchnorm_dropout_net(seed=5), X, Y[:, 0], X_test, None
+    raise KeyError(name)
+
+
+CASES = ["single", "multi3", "cnn", "last_layer", "batchnorm"]
+
+
+@functools.cache
+def reference(name, prior_mean="network"):
+    net, X, y, X_test, parameters = case(name)
+    return reference_posterior(
+        net,
+        X,
+        y,
+        X_test,
+        noise=NOISE,
+        prior=PRIOR,
+        prior_mean=prior_mean,
+        parameters=parameters,
+    )
+
+
+def make(name, **params):
+    net, _, _, _, parameters = case(name)
+    defaults = dict(
+        noise=NOISE,
+        prior=PRIOR,
+        parameters=parameters,
+        tol=1e-12,
+        batch_size=BATCH_SIZE,
+        dtype="float64",
+    )
+    return FiniteNTKRegressor(net, **{**defaults, **params})
+
+
+def make_solver(name, space, solver, **params):
+    """Plain CG (no preconditioner) with exact variances, or the dense solver."""
+    if solver == "cg":
+        params = {"preconditioner": None, "variance": "exact", **params}
+    return make(name, space=space, solver=solver, **params)
+
+
+@functools.cache
+def fitted(name, prior_mean="network", space="function", solver="dense"):
+    _, X, y, _, _ = case(name)
+    return make_solver(name, space, solver, prior_mean=prior_mean).fit(X, y)
+
+
+def as_2d(array, m):
+    return np.asarray(array).reshape(m, -1)
+
+
+def n_test(solver):
+    """Test points to predict at: CG variances solve one system per test row (and
+    output), so the CG cases use fewer (the reference rows are independent)."""
+    return 20 if solver == "dense" else 10
+
+
+# -- mean, std, log marginal likelihood ------------------------------------------------
+
+
+def _grid():
+    # The full cross product: case x prior mean x space x solver.
+    for name in CASES:
+        for prior_mean in ("network", "zero"):
+            for space in ("function", "parameter"):
+                for solver in ("dense", "cg"):
+                    yield pytest.param(
+                        name,
+                        prior_mean,
+                        space,
+                        solver,
+                        id=f"{name}-{prior_mean}-{space}-{solver}",
+                    )
+
+
+GRID = list(_grid())
+
+
+@pytest.mark.parametrize("name, prior_mean, space, solver", GRID)
+def test_mean_and_std_match_reference(name, prior_mean, space, solver):
+    _, _, y, X_test, _ = case(name)
+    m = n_test(solver)
+    X_test = X_test[:m]
+    ref = reference(name, prior_mean)
+    est = fitted(name, prior_mean, space, solver)
+    assert (est.space_, est.solver_) == (space, solver)
+    mean, std = est.predict(X_test, return_std=True)
+    # 1-D y gives 1-D predictions; (n, k) y gives (m, k).
+    expected_shape = (m,) if y.ndim == 1 else (m, y.shape[1])
+    assert mean.shape == expected_shape and std.shape == expected_shape
+    _record("mean", as_2d(mean, m), ref.mean[:m])
+    _record("std", as_2d(std, m), ref.std[:m])
+    assert_close(as_2d(mean, m), ref.mean[:m], MEAN_RTOL)
+    assert_close(as_2d(std, m), ref.std[:m], STD_RTOL)
+    # predict without return_std gives the same mean.
+    assert_close(est.predict(X_test), mean, 1e-12)
+
+
+@pytest.mark.parametrize("name, prior_mean, space, solver", GRID)
+def test_log_marginal_likelihood_matches_reference(name, prior_mean, space, solver):
+    ref = reference(name, prior_mean)
+    lml = fitted(name, prior_mean, space, solver).log_marginal_likelihood()
+    _record("lml", lml, ref.lml)
+    np.testing.assert_allclose(lml, ref.lml, rtol=LML_RTOL)
+
+
+def test_prior_mean_changes_the_answer():
+    """The two prior means are different models (guards the grid against a no-op)."""
+    _, _, _, X_test, _ = case("single")
+    a = fitted("single", "network").predict(X_test)
+    b = fitted("single", "zero").predict(X_test)
+    assert np.max(np.abs(a - b)) > 1e-3
+
+
+def test_batchnorm_network_is_evaluated_in_eval_mode():
+    """The reference (eval mode) differs from the train-mode outputs of the module."""
+    net, X, _, _, _ = case("batchnorm")
+    assert net.training
+    est = fitted("batchnorm", "network")
+    with torch.no_grad():
+        eval_out = copy.deepcopy(net).double().eval()(torch.as_tensor(X)).numpy()
+        train_out = copy.deepcopy(net).double().train()(torch.as_tensor(X)).numpy()
+    assert np.max(np.abs(eval_out - train_out)) > 1e-2
+    assert not est.network_.training
+    assert all(not module.training for module in est.network_.modules())
+
+
+# -- covariance, noise, sampling, score ------------------------------------------------
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+@pytest.mark.parametrize("name", ["single", "multi3"])
+def test_return_cov_matches_reference_blocks(name, space, solver):
+    _, _, y, X_test, _ = case(name)
+    ref = reference(name)
+    est = fitted(name, "network", space, solver)
+    m, k = n_test(solver), ref.mean.shape[1]
+    mean, cov = est.predict(X_test[:m], return_cov=True)
+    M = X_test.shape[0]
+    blocks = ref.cov.reshape(M, k, M, k)[:m, :, :m, :]
+    if y.ndim == 1:
+        assert mean.shape == (m,)
+        assert cov.shape == (m, m)
+        expected = blocks[:, 0, :, 0]
+    else:
+        assert mean.shape == (m, k)
+        assert cov.shape == (m, m, k)
+        expected = np.stack([blocks[:, a, :, a] for a in range(k)], axis=-1)
+    assert_close(as_2d(mean, m), ref.mean[:m], MEAN_RTOL)
+    # Covariances have off-diagonal entries near zero: compare against the scale of
+    # the variances.
+    np.testing.assert_allclose(
+        cov, expected, rtol=STD_RTOL, atol=1e-7 * np.abs(expected).max()
+    )
+
+
+@pytest.mark.parametrize("name", ["single", "multi3"])
+def test_predict_std_include_noise(name):
+    _, _, _, X_test, _ = case(name)
+    ref = reference(name)
+    est = fitted(name)
+    m = X_test.shape[0]
+    noisy = as_2d(est.predict_std(X_test, include_noise=True), m)
+    assert_close(noisy, np.sqrt(ref.std**2 + NOISE), STD_RTOL)
+    latent = as_2d(est.predict_std(X_test, include_noise=False), m)
+    assert_close(latent, ref.std, STD_RTOL)
+
+
+@pytest.mark.parametrize("name", ["single", "multi3"])
+def test_sample_y_shapes(name):
+    _, _, y, X_test, _ = case(name)
+    est = fitted(name)
+    m = X_test.shape[0]
+    draws = est.sample_y(X_test, n_samples=5, random_state=0)
+    if y.ndim == 1:
+        assert draws.shape == (m, 5)
+        assert est.sample_y(X_test).shape == (m, 1)
+    else:
+        assert draws.shape == (m, y.shape[1], 5)
+        assert est.sample_y(X_test).shape == (m, y.shape[1], 1)
+    np.testing.assert_array_equal(draws, est.sample_y(X_test, n_samples=5, random_state=0))
+    assert not np.array_equal(draws, est.sample_y(X_test, n_samples=5, random_state=1))
+
+
+@pytest.mark.parametrize("name", ["single", "multi3"])
+def test_sample_y_mean_and_std_approach_the_posterior(name):
+    _, _, y, X_test, _ = case(name)
+    ref = reference(name)
+    est = fitted(name)
+    n_samples = 4000
+    draws = est.sample_y(X_test, n_samples=n_samples, random_state=0)
+    m, k = ref.mean.shape
+    draws = draws.reshape(m, k, n_samples)
+    # The sample mean has std std/sqrt(N): allow 5 of those (plus a tiny floor).
+    sample_mean = draws.mean(axis=-1)
+    bound = 5 * ref.std / np.sqrt(n_samples) + 1e-9
+    assert np.all(np.abs(sample_mean - ref.mean) <= bound)
+    # The sample std has relative std about 1/sqrt(2N).
+    sample_std = draws.std(axis=-1)
+    np.testing.assert_allclose(
+        sample_std, ref.std, rtol=5 / np.sqrt(2 * n_samples), atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("name", ["single", "multi3"])
+def test_score_is_r2(name):
+    _, X, y, X_test, _ = case(name)
+    ref = reference(name)
+    est = fitted(name)
+    rng = np.random.default_rng(0)
+    y_test = ref.mean + 0.3 * rng.normal(size=ref.mean.shape)
+    if y.ndim == 1:
+        y_test = y_test[:, 0]
+    expected = r2_score(y_test, ref.mean.reshape(y_test.shape))
+    np.testing.assert_allclose(est.score(X_test, y_test), expected, rtol=1e-8)
+    # And on the training data against the training predictions.
+    np.testing.assert_allclose(est.score(X, y), r2_score(y, est.predict(X)), rtol=1e-12)
+
+
+# -- preconditioner, precision, solver bookkeeping -------------------------------------
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+@pytest.mark.parametrize("name", ["multi3", "cnn", "batchnorm"])
+def test_jacobi_preconditioner_gives_the_same_answer(name, space):
+    _, X, y, X_test, _ = case(name)
+    ref = reference(name)
+    est = make_solver(name, space, "cg", preconditioner="jacobi").fit(X, y)
+    m = n_test("cg")
+    mean, std = est.predict(X_test[:m], return_std=True)
+    assert_close(as_2d(mean, m), ref.mean[:m], MEAN_RTOL)
+    assert_close(as_2d(std, m), ref.std[:m], STD_RTOL)
+    np.testing.assert_allclose(est.log_marginal_likelihood(), ref.lml, rtol=LML_RTOL)
+    assert est.n_iter_ > 1
+
+
+@pytest.mark.parametrize(
+    "name, space, solver",
+    [
+        ("multi3", "function", "dense"),
+        ("multi3", "parameter", "dense"),
+        ("multi3", "function", "cg"),
+        ("multi3", "parameter", "cg"),
+        ("cnn", "function", "dense"),
+        ("cnn", "parameter", "cg"),
+    ],
+)
+def test_float32_agrees_loosely(name, space, solver):
+    _, X, y, X_test, _ = case(name)
+    ref = reference(name)
+    est = make_solver(name, space, solver, dtype="float32", tol=1e-6).fit(X, y)
+    m = n_test(solver)
+    mean, std = est.predict(X_test[:m], return_std=True)
+    assert mean.dtype == np.float64  # outputs are numpy float64 whatever the dtype
+    assert est.delta_.dtype == torch.float32
+    assert_close(as_2d(mean, m), ref.mean[:m], 1e-3)
+    assert_close(as_2d(std, m), ref.std[:m], 1e-3)
+    np.testing.assert_allclose(est.log_marginal_likelihood(), ref.lml, rtol=1e-3)
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+@pytest.mark.parametrize("name", ["multi3", "cnn"])
+def test_cg_with_default_preconditioner(name, space):
+    """preconditioner="auto" (pivoted Cholesky or Nyström) changes nothing but speed."""
+    _, X, y, X_test, _ = case(name)
+    ref = reference(name)
+    est = make(name, space=space, solver="cg", variance="exact").fit(X, y)
+    m = n_test("cg")
+    mean, std = est.predict(X_test[:m], return_std=True)
+    assert_close(as_2d(mean, m), ref.mean[:m], MEAN_RTOL)
+    assert_close(as_2d(std, m), ref.std[:m], STD_RTOL)
+    np.testing.assert_allclose(est.log_marginal_likelihood(), ref.lml, rtol=LML_RTOL)
+
+
+def _check_low_rank_variance(space, rank, random_state):
+    name = "single"
+    net, X, y, X_test, parameters = case(name)
+    ref = reference(name)
+    est = make(
+        name,
+        space=space,
+        solver="cg",
+        variance="low_rank",
+        rank=rank,
+        random_state=random_state,
+    ).fit(X, y)
+    assert est.variance_ == "low_rank"
+    assert 0 < est.rank_ and 0 <= est.variance_tail_weight_ <= 1
+    variance = est.predict_std(X_test) ** 2
+    exact = ref.std[:, 0] ** 2
+    _, J_test = reference_jacobian(net, X_test, parameters)
+    prior_variance = PRIOR * (J_test**2).sum(1).numpy()
+    rounding = 1e-9 * prior_variance
+    # Documented: never below the exact variance; and here the overestimate stays
+    # within prior · w · ‖J(x)‖², w the weight of the last direction kept.
+    assert np.all(variance >= exact - rounding), np.min((variance - exact) / exact)
+    assert np.all(variance - exact <= est.variance_tail_weight_ * prior_variance + rounding)
+    # The mean does not depend on the variance method.
+    assert_close(est.predict(X_test), ref.mean[:, 0], MEAN_RTOL)
+
+
+# The Nyström sketch is random (seeded by random_state); the parameter-space seeds
+# below are ones where an earlier Rayleigh-Ritz step underestimated the variance.
+@pytest.mark.parametrize("rank, random_state", [(None, 0), (None, 2), (10, 0)])
+def test_low_rank_variance_is_a_bounded_overestimate_function_space(rank, random_state):
+    _check_low_rank_variance("function", rank, random_state)
+
+
+@pytest.mark.parametrize("rank, random_state", [(None, 3), (10, 0)])
+def test_low_rank_variance_is_a_bounded_overestimate_parameter_space(rank, random_state):
+    _check_low_rank_variance("parameter", rank, random_state)
+
+
+@pytest.mark.parametrize(
+    "name, n_rows, n_params",
+    [("single", 30, 61), ("multi3", 90, 73), ("last_layer", 60, 34)],
+)
+def test_auto_picks_the_smaller_space_and_dense(name, n_rows, n_params):
+    _, X, y, X_test, _ = case(name)
+    est = make(name, space="auto", solver="auto").fit(X, y)
+    assert est.n_params_ == n_params
+    assert est.n_outputs_ == n_rows // 30
+    assert est.space_ == ("function" if n_rows <= n_params else "parameter")
+    assert est.solver_ == "dense"
+    assert_close(
+        as_2d(est.predict(X_test), X_test.shape[0]), reference(name).mean, MEAN_RTOL
+    )
+
+
+def test_two_dimensional_y_with_one_output_keeps_two_dimensions():
+    _, X, y, X_test, _ = case("single")
+    est = make("single").fit(X, y[:, None])
+    mean, std = est.predict(X_test, return_std=True)
+    assert mean.shape == std.shape == (X_test.shape[0], 1)
+    _, cov = est.predict(X_test, return_cov=True)
+    assert cov.shape == (X_test.shape[0], X_test.shape[0], 1)
+    assert_close(mean, reference("single").mean, MEAN_RTOL)
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_pickle_round_trip_after_cg_fit(space):
+    _, _, _, X_test, _ = case("multi3")
+    est = fitted("multi3", "network", space, "cg")
+    clone = pickle.loads(pickle.dumps(est))
+    m = n_test("cg")
+    mean, std = clone.predict(X_test[:m], return_std=True)
+    ref = reference("multi3")
+    assert_close(mean, ref.mean[:m], MEAN_RTOL)
+    assert_close(std, ref.std[:m], STD_RTOL)
+
+
+# -- the user's module is never changed ------------------------------------------------
+
+
+def _snapshot(module):
+    return {
+        "state": {
+            key: value.detach().clone() for key, value in module.state_dict().items()
+        },
+        "dtypes": {key: value.dtype for key, value in module.state_dict().items()},
+        "training": {name: sub.training for name, sub in module.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in module.named_parameters()},
+        "grad": {name: p.grad for name, p in module.named_parameters()},
+    }
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_user_module_is_unchanged_and_frozen_parameters_are_not_linearized(solver):
+    net = batchnorm_dropout_net(seed=7)
+    net[0].bias.requires_grad_(False)  # the user froze this one
+    X, Y, X_test = regression_data(seed=7)
+    y = Y[:, 0]
+    before = _snapshot(net)
+
+    est = FiniteNTKRegressor(
+        net,
+        noise=NOISE,
+        prior=PRIOR,
+        solver=solver,
+        variance="exact",
+        tol=1e-12,
+        batch_size=BATCH_SIZE,
+    ).fit(X, y)
+    X_test = X_test[: n_test(solver)]
+    mean, std = est.predict(X_test, return_std=True)
+    est.predict(X_test, return_cov=True)
+    est.log_marginal_likelihood()
+
+    after = _snapshot(net)
+    assert after["training"] == before["training"] and net.training
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["dtypes"] == before["dtypes"]
+    assert all(g is None for g in after["grad"].values())
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+    assert est.network_ is not net
+
+    # The frozen bias is not linearized: p counts trainable parameters only, and the
+    # reference (which skips requires_grad=False too) agrees.
+    n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert est.n_params_ == n_trainable < sum(p.numel() for p in net.parameters())
+    ref = reference_posterior(net, X, y, X_test, noise=NOISE, prior=PRIOR)
+    assert_close(mean, ref.mean[:, 0], MEAN_RTOL)
+    assert_close(std, ref.std[:, 0], STD_RTOL)
