@@ -62,15 +62,17 @@ class _LinearizedChunk:
     """The VJP closure of one chunk and the double-VJP closure built on it.
 
     ``vjp(U)`` gives Jᵀ U and ``jvp(V)`` gives J V for this chunk without another
-    forward pass; both accept a trailing column axis.
+    forward pass; both accept a trailing column axis. The double-VJP closure is
+    built on the first ``jvp``, so a chunk used for ``vjp`` only never pays for it.
     """
 
     def __init__(self, network, w, X):
         self.outputs, vjp_fn = vjp(lambda w_: network(w_, X), w)
         self._vjp = lambda u: vjp_fn(u)[0]
-        # u -> Jᵀ u is linear, so its VJP with cotangent v is (Jᵀ)ᵀ v = J v for any u.
-        _, transpose_fn = vjp(self._vjp, torch.zeros_like(self.outputs))
-        self._jvp = lambda v: transpose_fn(v)[0]
+        self._transpose_fn = None
+
+    def _jvp(self, v):
+        return self._transpose_fn(v)[0]
 
     def vjp(self, U):
         if U.ndim == 2:
@@ -78,6 +80,9 @@ class _LinearizedChunk:
         return vmap(self._vjp, in_dims=2, out_dims=1)(U)
 
     def jvp(self, V):
+        if self._transpose_fn is None:  # built outside any vmap, once
+            # u -> Jᵀ u is linear, so its VJP with cotangent v is J v, for any u.
+            _, self._transpose_fn = vjp(self._vjp, torch.zeros_like(self.outputs))
         if V.ndim == 1:
             return self._jvp(V)
         return vmap(self._jvp, in_dims=1, out_dims=2)(V)
