@@ -1,22 +1,8 @@
 """Small seeded networks and data sets shared by the test modules."""
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run each test module on one torch thread (import this name to use it).
-
-    The problems are tiny: threads only add overhead, and on a shared 2-core machine
-    oversubscription slows the many small CG steps down severalfold.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mlp(n_in=3, n_out=1, hidden=12, seed=0):

@@ -5,7 +5,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from networks import single_thread  # noqa: F401 (an autouse fixture)
 from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_fntk._cg import conjugate_gradient

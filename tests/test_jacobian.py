@@ -5,12 +5,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from networks import (  # noqa: F401 (single_thread is an autouse fixture)
+from networks import (
     cnn,
     mlp,
     no_jvp_net,
     regression_data,
-    single_thread,
 )
 from reference import reference_jacobian, reference_posterior
 from torch.func import jvp
@@ -18,12 +17,6 @@ from torch.func import jvp
 from sklearn_fntk import FiniteNTKRegressor
 from sklearn_fntk._jacobian import JacobianProducts, outputs_and_jvp
 from sklearn_fntk._network import FunctionalNetwork
-
-# torch warns from its own lazy imports on first forward-mode use.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
-
 
 CACHED, UNCACHED = 1 << 30, 0
 RTOL = 1e-10

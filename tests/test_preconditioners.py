@@ -19,19 +19,6 @@ from sklearn_fntk._structured import LayerwiseKernel
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run on one torch thread.
-
-    The problems are small, so threads only add overhead, and on a shared machine
-    oversubscription makes the many small CG steps crawl (10x measured).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def generator(seed=0):
     return torch.Generator().manual_seed(seed)
 

@@ -7,23 +7,16 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from networks import (  # noqa: F401 (single_thread is an autouse fixture)
+from networks import (
     batchnorm_dropout_net,
     cnn,
     mlp,
     regression_data,
-    single_thread,
 )
 from reference import reference_jacobian, reference_posterior
 from sklearn.metrics import r2_score
 
 from sklearn_fntk import FiniteNTKRegressor
-
-# torch warns from its own lazy imports on first forward-mode use.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
-
 
 NOISE, PRIOR = 0.1, 0.5
 # Chunks of 16 samples: neither n=30 nor m=20 is a multiple.

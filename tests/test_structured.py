@@ -11,19 +11,6 @@ from sklearn_fntk._structured import LayerwiseKernel, supports_structured
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run on one torch thread.
-
-    The problems are small, so threads only add overhead, and on a shared machine
-    oversubscription makes the many small CG steps crawl (10x measured).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(widths, activation=nn.Tanh, bias=True):
     layers = []
     for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):

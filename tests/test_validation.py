@@ -5,21 +5,15 @@ import re
 import numpy as np
 import pytest
 import torch
-from networks import (  # noqa: F401 (single_thread is an autouse fixture)
+from networks import (
     cnn,
     mlp,
     regression_data,
-    single_thread,
 )
 from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
 from sklearn_fntk import FiniteNTKRegressor
-
-# torch warns from its own lazy imports on first forward-mode use.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
 
 
 @pytest.fixture(scope="module")
