@@ -1,7 +1,8 @@
 """Fast adaptation of trained PyTorch networks with finite neural tangent kernels."""
 
+from ._classifier import FiniteNTKClassifier
 from ._regressor import FiniteNTKRegressor
 
 __version__ = "0.1.0"
 
-__all__ = ["FiniteNTKRegressor", "__version__"]
+__all__ = ["FiniteNTKClassifier", "FiniteNTKRegressor", "__version__"]

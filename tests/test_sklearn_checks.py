@@ -2,9 +2,9 @@
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from sklearn_fntk import FiniteNTKRegressor
+from sklearn_fntk import FiniteNTKClassifier, FiniteNTKRegressor
 
 
-@parametrize_with_checks([FiniteNTKRegressor()])
+@parametrize_with_checks([FiniteNTKRegressor(), FiniteNTKClassifier()])
 def test_sklearn_compatible(estimator, check):
     check(estimator)
