@@ -15,7 +15,7 @@ its dense assembly; ``matmat`` adds the shift. As in curvlinops, nothing else.
 
 import torch
 
-from ._jacobian import explicit_jacobian
+from ._jacobian import explicit_jacobian, outputs_and_jvp
 
 __all__ = ["KernelOperator", "ParameterOperator"]
 
@@ -50,9 +50,10 @@ class _Operator:
         """Jacobian rows of test inputs X at θ, shape (m·k, p)."""
         return explicit_jacobian(self.jacobian.network, self.jacobian.w, X).flatten(0, 1)
 
-    def test_squared_norms(self, X):
-        """‖J(x)‖² per test row, shape (m·k,)."""
-        return (self.test_jacobian(X) ** 2).sum(1)
+    def test_projections(self, X, V):
+        """‖J*‖² per test row, shape (m·k,), and J* V, shape (m·k, r), at inputs X."""
+        Jt = self.test_jacobian(X)
+        return (Jt**2).sum(1), Jt @ V
 
 
 class KernelOperator(_Operator):
@@ -116,11 +117,18 @@ class KernelOperator(_Operator):
                 K[rows[j], rows[i]] = block.T
         return K
 
-    def test_squared_norms(self, X):
-        """‖J(x)‖² per test row, shape (m·k,): the kernel's diagonal at X over s."""
-        if self.structured is not None:
-            return self.structured.diagonal(self.structured.features(X))
-        return super().test_squared_norms(X)
+    def test_projections(self, X, V):
+        """‖J*‖² per test row, shape (m·k,), and J* V, shape (m·k, r), at inputs X.
+
+        With the layerwise kernel, ‖J*‖² comes from the per-layer features and J* V
+        from forward-mode products: no explicit test Jacobian.
+        """
+        if self.structured is None:
+            return super().test_projections(X, V)
+        squared_norms = self.structured.diagonal(self.structured.features(X))
+        jacobian = self.jacobian
+        _, JV = outputs_and_jvp(jacobian.network, jacobian.w, X, V, jacobian.forward_mode)
+        return squared_norms, JV.reshape(-1, V.shape[1])
 
     def test_kernels(self, X, diagonal):
         """Prior kernel at test inputs X and its cross kernel with the training set.
@@ -142,7 +150,10 @@ class KernelOperator(_Operator):
             return self.prior * prior, self.prior * cross
         Jt = self.test_jacobian(X)
         prior = (Jt**2).sum(1) if diagonal else Jt @ Jt.T
-        cross = self.jacobian.jvp(Jt.T).reshape(self.size, -1)
+        # J J*ᵀ from explicit training blocks: one matmul each, far faster than
+        # m·k columns of Jacobian-vector products.
+        blocks = self.jacobian.jacobian_blocks()
+        cross = torch.cat([J.flatten(0, 1) @ Jt.T for _, J in blocks])
         return self.prior * prior, self.prior * cross
 
 

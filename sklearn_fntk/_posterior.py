@@ -28,7 +28,6 @@ import math
 import torch
 
 from ._cg import conjugate_gradient
-from ._jacobian import outputs_and_jvp
 from ._memory import check_fits
 from ._operators import KernelOperator, ParameterOperator
 from ._preconditioners import (
@@ -296,11 +295,8 @@ class GaussianPosterior:
     def _low_rank_diagonal(self, X):
         """s·(‖J*‖² - Σ_j w_j (J* v_j)²) per test row, shape (m·k,)."""
         _, V, weights = self._low_rank
-        jacobian = self.operator.jacobian
-        prior_variance = self.operator.test_squared_norms(X)
-        _, JV = outputs_and_jvp(jacobian.network, jacobian.w, X, V, jacobian.forward_mode)
-        explained = (JV.reshape(-1, V.shape[1]) ** 2) @ weights
-        return self.prior * (prior_variance - explained)
+        prior_variance, JV = self.operator.test_projections(X, V)
+        return self.prior * (prior_variance - (JV**2) @ weights)
 
     def log_marginal_likelihood(self):
         """log p(y) at this prior and noise; exact (uses a Cholesky factor).
