@@ -308,6 +308,22 @@ def test_jacobi_preconditioner_gives_the_same_answer(name, space):
     assert est.n_iter_ > 1
 
 
+@pytest.mark.parametrize("name", ["multi3", "cnn", "batchnorm"])
+def test_finite_difference_fisher_product_agrees_with_reference(name):
+    """Parameter-space CG on the paper's finite-difference Fisher-vector products."""
+    _, X, y, X_test, _ = case(name)
+    ref = reference(name)
+    est = make_solver(
+        name, "parameter", "cg", fisher_product="finite_difference", tol=1e-10
+    ).fit(X, y)
+    assert not est._posterior.operator.jacobian.cached  # it runs its own passes
+    m = n_test("cg")
+    mean, std = est.predict(X_test[:m], return_std=True)
+    # O(√eps) per product in float64
+    assert_close(as_2d(mean, m), ref.mean[:m], 1e-5)
+    assert_close(as_2d(std, m), ref.std[:m], 1e-5)
+
+
 @pytest.mark.parametrize(
     "name, space, solver",
     [
