@@ -570,8 +570,8 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         Sorted class labels; logit j is ``classes_[j]`` (one logit: ``classes_[1]``).
     network_ : torch.nn.Module
         The private eval-mode copy of the network.
-    delta_ : torch.Tensor of shape (n_params_,)
-        MAP of w - θ; the predictive logit mean is f_θ(x) + J(x)·delta_ (without
+    delta_ : torch.Tensor of shape (``n_params_``,)
+        MAP of w - θ; the predictive logit mean is f_θ(x) + J(x)·``delta_`` (without
         the f_θ term for ``prior_mean="zero"``).
     n_features_in_ : int
     input_shape_ : tuple

@@ -103,8 +103,8 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
     ----------
     network_ : torch.nn.Module
         The private eval-mode copy of the network.
-    delta_ : torch.Tensor of shape (n_params_,)
-        Posterior mean of w - θ; the predictive mean is f_θ(x) + J(x)·delta_
+    delta_ : torch.Tensor of shape (``n_params_``,)
+        Posterior mean of w - θ; the predictive mean is f_θ(x) + J(x)·``delta_``
         (without the f_θ term for ``prior_mean="zero"``).
     n_features_in_ : int
     input_shape_ : tuple
