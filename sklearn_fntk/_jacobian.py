@@ -249,6 +249,6 @@ def explicit_jacobian(network, w, X):
         w.dtype,
         w.device,
         "An explicit Jacobian block",
-        "lower batch_size",
+        "lower batch_size (for return_cov and sample_y: pass fewer test points)",
     )
     return vmap(jacrev(network.single), in_dims=(None, 0))(w, X)

@@ -28,6 +28,7 @@ import math
 import torch
 
 from ._cg import conjugate_gradient
+from ._evidence import stochastic_log_marginal_likelihood
 from ._memory import check_fits
 from ._operators import KernelOperator, ParameterOperator
 from ._preconditioners import (
@@ -167,7 +168,7 @@ class GaussianPosterior:
 
     # -- setup ------------------------------------------------------------------------
 
-    def _dense_factor(self, gram=None):
+    def _dense_factor(self, gram=None, advice="use solver='cg', or space='auto'"):
         """Cholesky factor of the assembled operator, after checking it fits."""
         size, jacobian = self.operator.size, self.operator.jacobian
         check_fits(
@@ -175,7 +176,7 @@ class GaussianPosterior:
             jacobian.w.dtype,
             jacobian.w.device,
             f"The dense {self.space}-space system",
-            "use solver='cg', or the smaller space (space='auto')",
+            advice,
         )
         return cholesky(self.operator.dense(gram), f"{self.space}-space system")
 
@@ -241,6 +242,10 @@ class GaussianPosterior:
         self.variance_tail_weight = float(weights[-1]) if self.rank else 1.0
         return sketch, V, weights
 
+    def drop_low_rank(self):
+        """Compute variances exactly from now on (the sketch may stay a preconditioner)."""
+        self._low_rank = None
+
     # -- solves -----------------------------------------------------------------------
 
     def _solve_fit(self, rhs):
@@ -298,13 +303,35 @@ class GaussianPosterior:
         prior_variance, JV = self.operator.test_projections(X, V)
         return self.prior * (prior_variance - (JV**2) @ weights)
 
+    def stochastic_log_marginal_likelihood(self, n_probes, lanczos_steps, generator):
+        """Matrix-free estimate of log p(y) (``_evidence``): SLQ for log|K|, CG.
+
+        It always works with the kernel K, built from the same Jacobian products
+        when the fit solved in parameter space.
+        """
+        kernel = self.operator
+        if self.space == "parameter":
+            kernel = KernelOperator(kernel.jacobian, prior=self.prior, noise=self.noise)
+        return stochastic_log_marginal_likelihood(
+            kernel.matmat,
+            self.residuals,
+            kernel.size,
+            self.noise,
+            n_probes=n_probes,
+            lanczos_steps=lanczos_steps,
+            tol=self.tol,
+            generator=generator,
+        )
+
     def log_marginal_likelihood(self):
         """log p(y) at this prior and noise; exact (uses a Cholesky factor).
 
         After a CG fit the factor of the same space is assembled here, once.
         """
         if self._factor is None:
-            self._factor = self._dense_factor()
+            self._factor = self._dense_factor(
+                advice="use log_marginal_likelihood(method='stochastic')"
+            )
         r, d = self.residuals, self.residuals.numel()
         log_det_factor = 2.0 * torch.log(self._factor.diagonal()).sum()
         if self.space == "function":

@@ -64,3 +64,27 @@ def test_without_optimize_fitted_values_are_the_parameters(network_and_data):
     net, X, y = network_and_data
     reg = FiniteNTKRegressor(net, noise=0.3, prior=2.0).fit(X[:50], y[:50])
     assert (reg.noise_, reg.prior_) == (0.3, 2.0)
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_stochastic_log_marginal_likelihood_estimates_the_exact_one(
+    network_and_data, space
+):
+    net, X, y = network_and_data
+    reg = FiniteNTKRegressor(net, noise=0.05, space=space, tol=1e-10, random_state=0)
+    reg.fit(X, y)
+    exact = reg.log_marginal_likelihood()
+    estimate, std_error = reg.log_marginal_likelihood(
+        "stochastic", n_probes=64, lanczos_steps=80, return_std_error=True
+    )
+    assert reg.log_marginal_likelihood(return_std_error=True) == (exact, 0.0)
+    # log p(y) is a sum over the n observations: errors are judged per observation
+    assert 0 < std_error < 0.01 * len(y)
+    assert abs(estimate - exact) < 4 * std_error + 1e-3 * len(y)
+
+
+def test_unknown_log_marginal_likelihood_method(network_and_data):
+    net, X, y = network_and_data
+    reg = FiniteNTKRegressor(net).fit(X[:50], y[:50])
+    with pytest.raises(ValueError, match="method must be 'exact' or 'stochastic'"):
+        reg.log_marginal_likelihood("approximate")
