@@ -95,26 +95,6 @@ def _psd_sqrt(matrices):
     return (vectors * values.clamp_min(0.0).sqrt().unsqueeze(-2)) @ vectors.mT
 
 
-def _jvp(jacobian, V):
-    """J V for V of shape (p, m), shape (n, k, m).
-
-    Few columns go through the cached JVPs; for m > k, explicit Jacobian blocks are
-    cheaper (k backward passes per sample instead of m JVPs).
-    """
-    if V.shape[1] <= jacobian.n_outputs:
-        return jacobian.jvp(V)
-    return torch.cat(
-        [torch.einsum("iap,pm->iam", J, V) for _, J in jacobian.jacobian_blocks()]
-    )
-
-
-def _vjp(jacobian, U):
-    """Jᵀ U for U of shape (n, k, m), shape (p, m); as :func:`_jvp`."""
-    if U.shape[2] <= jacobian.n_outputs:
-        return jacobian.vjp(U)
-    return sum(torch.einsum("iap,iam->pm", J, U[c]) for c, J in jacobian.jacobian_blocks())
-
-
 def _blockwise(blocks, U):
     """Apply per-sample (k, k) blocks to U of shape (n, k, m)."""
     return torch.einsum("iab,ibm->iam", blocks, U)
@@ -129,8 +109,8 @@ class _PrecisionOperator:
 
     def psd_matmat(self, V):
         """Jᵀ Λ J V for V of shape (p, m): one JVP, the curvature blocks, one VJP."""
-        JV = _jvp(self.jacobian, V)
-        return _vjp(self.jacobian, _blockwise(self.curvature, JV))
+        JV = self.jacobian.jvp(V)
+        return self.jacobian.vjp(_blockwise(self.curvature, JV))
 
     def matmat(self, V):
         return self.psd_matmat(V) + self.shift * V
@@ -176,7 +156,7 @@ class _WoodburyOperator:
     def psd_matmat(self, U):
         """Λ^½ K Λ^½ U for U of shape (n·k, m): one VJP and one JVP inside."""
         RU = _blockwise(self.root, U.reshape(*self.root.shape[:2], -1))
-        KRU = self.prior * _jvp(self.jacobian, _vjp(self.jacobian, RU))
+        KRU = self.prior * self.jacobian.jvp(self.jacobian.vjp(RU))
         return _blockwise(self.root, KRU).reshape(U.shape)
 
     def matmat(self, U):
@@ -286,10 +266,10 @@ class _Hessian:
             return self.solve(G, tol, callback)
         # eq. (3): H⁻¹ G = s G - s Jᵀ Λ^½ B⁻¹ Λ^½ J (s G)
         sG = self.prior * G
-        rhs = _blockwise(self.root, _jvp(self.jacobian, sG))
+        rhs = _blockwise(self.root, self.jacobian.jvp(sG))
         solution, n_iter = self.solve(rhs.reshape(self.operator.size, -1), tol, callback)
         back = _blockwise(self.root, solution.reshape(rhs.shape))
-        return sG - self.prior * _vjp(self.jacobian, back), n_iter
+        return sG - self.prior * self.jacobian.vjp(back), n_iter
 
 
 class LaplacePosterior:

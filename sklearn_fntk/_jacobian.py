@@ -24,6 +24,9 @@ from ._memory import check_fits
 
 __all__ = ["JacobianProducts", "explicit_jacobian", "outputs_and_jvp"]
 
+# Largest explicit Jacobian block (batch_size x k x p) used to speed up products
+# with many columns.
+EXPLICIT_BLOCK_BYTES = 1 << 28
 # Leaf-module activation bytes times this factor estimates what a chunk's cached VJP
 # and double-VJP graphs hold (the forward activations plus the backward graph).
 _GRAPH_BYTES_PER_ACTIVATION_BYTE = 4
@@ -154,14 +157,32 @@ class JacobianProducts:
         """The network's outputs f(θ, X), shape (n, k)."""
         return self._outputs
 
+    def _explicit_is_cheaper(self, n_columns):
+        """Whether explicit Jacobian blocks beat ``n_columns`` product columns.
+
+        A block costs k backward passes per sample, a product column about one: for
+        more columns than outputs the blocks win (measured 60x at 450 columns), if a
+        block fits in ``EXPLICIT_BLOCK_BYTES``.
+        """
+        chunk = self.chunks[0].stop - self.chunks[0].start
+        block_bytes = chunk * self.n_outputs * self.n_params * self.w.element_size()
+        return n_columns > self.n_outputs and block_bytes <= EXPLICIT_BLOCK_BYTES
+
     def jvp(self, V):
         """J V for V of shape (p,) or (p, m); returns (n, k) or (n, k, m)."""
+        if V.ndim == 2 and self._explicit_is_cheaper(V.shape[1]):
+            return torch.cat(
+                [torch.einsum("iap,pm->iam", J, V) for _, J in self.jacobian_blocks()]
+            )
         if self.cached:
             return torch.cat([lin.jvp(V) for lin in self._linearized])
         return torch.cat([self._chunk_jvp(self.X[c], V) for c in self.chunks])
 
     def vjp(self, U):
         """Jᵀ U for U of shape (n, k) or (n, k, m); returns (p,) or (p, m)."""
+        if U.ndim == 3 and self._explicit_is_cheaper(U.shape[2]):
+            blocks = self.jacobian_blocks()
+            return sum(torch.einsum("iap,iam->pm", J, U[c]) for c, J in blocks)
         if self.cached:
             parts = (
                 lin.vjp(U[c]) for lin, c in zip(self._linearized, self.chunks, strict=True)
