@@ -190,6 +190,8 @@ class FiniteNTKBase(BaseEstimator):
                 f"function space only; this fit solves in {self.space_} space. Use "
                 "space='function' or preconditioner='nystrom'."
             )
+        if self.solver_ == "dense":
+            return None  # nothing to precondition
         if self.preconditioner != "auto":
             return self.preconditioner
         if self.space_ == "function" and structured is not None:

@@ -242,10 +242,6 @@ class GaussianPosterior:
         self.variance_tail_weight = float(weights[-1]) if self.rank else 1.0
         return sketch, V, weights
 
-    def drop_low_rank(self):
-        """Compute variances exactly from now on (the sketch may stay a preconditioner)."""
-        self._low_rank = None
-
     # -- solves -----------------------------------------------------------------------
 
     def _solve_fit(self, rhs):

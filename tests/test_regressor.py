@@ -495,13 +495,13 @@ def test_user_module_is_unchanged_and_frozen_parameters_are_not_linearized(solve
     assert_close(std, ref.std[:, 0], STD_RTOL)
 
 
-def test_auto_variance_falls_back_to_exact_when_the_sketch_is_too_short():
-    """A rank-2 sketch cannot reach the noise level: auto goes exact, low_rank warns."""
+def test_auto_variance_is_exact_and_a_short_low_rank_sketch_warns():
+    """A rank-2 sketch cannot reach the noise level: low_rank warns; auto is exact."""
     name = "single"
     _, X, y, X_test, _ = case(name)
     ref = reference(name)
     auto = make_solver(name, "function", "cg", rank=2, variance="auto").fit(X, y)
-    assert auto.variance_ == "exact" and auto.variance_tail_weight_ > 0.1
+    assert auto.variance_ == "exact" and auto.variance_tail_weight_ is None
     assert_close(auto.predict_std(X_test[:10]), ref.std[:10, 0], STD_RTOL)
     with pytest.warns(UserWarning, match="Increase rank, or use variance='exact'"):
         forced = make_solver(name, "function", "cg", rank=2, variance="low_rank")
