@@ -435,7 +435,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
     def log_marginal_likelihood(
         self, method="exact", *, n_probes=32, lanczos_steps=50, return_std_error=False
     ):
-        """Log evidence log p(y | X, noise_, prior_) of the fitted model.
+        """Log evidence log p(y | X, ``noise_``, ``prior_``) of the fitted model.
 
         Parameters
         ----------
