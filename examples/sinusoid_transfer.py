@@ -361,7 +361,7 @@ if __name__ == "__main__":
 # --------------
 
 if __name__ == "__main__":
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     for ax, task in zip(axes, tasks[:2], strict=True):
         ntk_mean, ntk_std = adapt_finite_ntk(source, task)
         tuned_mean, _ = adapt_fine_tuning(source, task, learning_rate, steps)
@@ -384,7 +384,7 @@ if __name__ == "__main__":
         ax.set(
             title=f"A = {task.amplitude:.2f}, φ = {task.phase:.2f}", xlabel="x", ylabel="y"
         )
-    axes[0].legend(loc="upper left", fontsize=8, ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
     fig.savefig("sinusoid_transfer.png", dpi=110)
     print("\nwrote sinusoid_transfer.png")
