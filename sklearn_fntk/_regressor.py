@@ -17,6 +17,10 @@ from ._posterior import GaussianPosterior
 
 __all__ = ["FiniteNTKRegressor"]
 
+# optimize=True searches noise and prior in [1e-8, 1e5], and warns when the noise
+# collapses below this fraction of the residual variance.
+NOISE_LOWER_BOUND = 1e-8
+COLLAPSED_NOISE = 1e-6
 # variance="low_rank" warns above this tail weight.
 LOW_RANK_MAX_TAIL_WEIGHT = 0.1
 
@@ -324,7 +328,21 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
             evidence = SpectralEvidence.from_fisher(
                 gram, jacobian.vjp(residuals), float(r @ r), r.numel()
             )
-        best = evidence.maximize(self.noise, self.prior, random_state=self._seed())
+        best = evidence.maximize(
+            self.noise,
+            self.prior,
+            bounds=((NOISE_LOWER_BOUND, 1e5), (1e-8, 1e5)),
+            random_state=self._seed(),
+        )
+        if best.noise <= COLLAPSED_NOISE * float(r @ r) / r.numel():
+            warnings.warn(
+                f"The evidence is maximal at noise={best.noise:.3g}, below "
+                f"{COLLAPSED_NOISE:g} of the residual variance: the GP interpolates the "
+                "training targets and its intervals will be overconfident. Seen with "
+                "very few points; fix noise instead (optimize=False) or add data.",
+                UserWarning,
+                stacklevel=3,
+            )
         if not best.converged:
             warnings.warn(
                 "Maximising the log marginal likelihood over noise and prior did not "

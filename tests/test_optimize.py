@@ -88,3 +88,18 @@ def test_unknown_log_marginal_likelihood_method(network_and_data):
     reg = FiniteNTKRegressor(net).fit(X[:50], y[:50])
     with pytest.raises(ValueError, match="method must be 'exact' or 'stochastic'"):
         reg.log_marginal_likelihood("approximate")
+
+
+def test_optimize_warns_when_noise_collapses():
+    """Two exactly fitted points: the evidence prefers no noise at all."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    )
+    X = np.array([[-1.0], [1.0]])
+    y = np.sin(3 * X[:, 0])
+    with pytest.warns(UserWarning, match="the GP interpolates the training targets"):
+        reg = FiniteNTKRegressor(net, optimize=True, random_state=0).fit(X, y)
+    assert reg.noise_ <= 1e-6 * np.mean(
+        (y - reg.network_(torch.as_tensor(X)).detach().numpy()[:, 0]) ** 2
+    )
