@@ -154,11 +154,11 @@ class FiniteNTKBase(BaseEstimator):
         )
 
     def _training_jacobian(self, X, cache):
-        """JacobianProducts over the training inputs at θ."""
+        """JacobianProducts over the training inputs X (a tensor) at θ."""
         return JacobianProducts(
             self._network,
             self._network.theta,
-            self._tensor(X),
+            X,
             batch_size=self.batch_size,
             cache_bytes=LINEARIZATION_CACHE_BYTES if cache else 0,
         )
@@ -170,17 +170,18 @@ class FiniteNTKBase(BaseEstimator):
         return generator
 
     def _structured_kernel(self, X):
-        """The layerwise kernel of the training inputs where it applies, else None.
+        """The layerwise kernel of the training inputs X (a tensor) where it applies.
 
         It applies in function space to networks of Linear layers and elementwise
-        activations whose linearized parameters are Linear weights and biases.
+        activations whose linearized parameters are Linear weights and biases;
+        None elsewhere.
         """
         network = self._network
         if self.space_ != "function" or not supports_structured(
             network.module, network.names
         ):
             return None
-        return LayerwiseKernel(network, self._tensor(X), batch_size=self.batch_size)
+        return LayerwiseKernel(network, X, batch_size=self.batch_size)
 
     def _resolve_preconditioner(self, structured):
         """``preconditioner="auto"``: pivoted Cholesky where kernel columns are cheap."""

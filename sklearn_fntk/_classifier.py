@@ -647,7 +647,7 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
                 f"1 class: {self.classes_.tolist()}."
             )
         self._network = self._make_network(X, 1 if n_classes == 2 else n_classes)
-        jacobian = self._training_jacobian(X, cache=True)
+        jacobian = self._training_jacobian(self._tensor(X), cache=True)
         self.forward_mode_ = jacobian.forward_mode
         self.n_logits_ = jacobian.n_outputs
         self.space_, self.solver_ = self._choose(

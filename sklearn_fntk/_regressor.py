@@ -234,6 +234,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         n_rows = X.shape[0] * self.n_outputs_
         self.space_, self.solver_ = self._choose(n_rows, self._network.n_params)
 
+        X = self._tensor(X)  # one copy, shared by the kernel and the Jacobian products
         structured = self._structured_kernel(X)
         self.kernel_ = "layerwise" if structured is not None else "autodiff"
         self.preconditioner_ = self._resolve_preconditioner(structured)
