@@ -53,6 +53,12 @@ def make_data(n, d, seed=0):
     return X, np.sin(X @ a) + 0.5 * np.cos(2 * X @ b)
 
 
+def train_test_data(n, m, d, seed):
+    """n training inputs and targets, and m test inputs, from :func:`make_data`."""
+    X, y = make_data(n + m, d, seed=seed)
+    return X[:n], y[:n], X[n:]
+
+
 def timed(call):
     start = time.perf_counter()
     result = call()
@@ -167,8 +173,7 @@ def fvp(args):
 def low_rank(args):
     n, m = (1000, 300) if args.quick else (3000, 1000)
     module = trained_mlp((16, 128, 128, 1))
-    X, y = make_data(n + m, 16, seed=4)
-    X, Xt, y = X[:n], X[n:], y[:n]
+    X, y, Xt = train_test_data(n, m, 16, seed=4)
     common = dict(noise=1e-2, solver="cg", tol=1e-8, random_state=0)
     exact = FiniteNTKRegressor(module, variance="exact", **common).fit(X, y)
     fast = FiniteNTKRegressor(module, variance="low_rank", **common).fit(X, y)
@@ -189,8 +194,7 @@ def low_rank(args):
 def reference(args):
     n, m = (600, 200) if args.quick else (3000, 1000)
     module = trained_mlp((20, 256, 256, 1))
-    X, y = make_data(n + m, 20, seed=5)
-    X, Xt, y = X[:n], X[n:], y[:n]
+    X, y, Xt = train_test_data(n, m, 20, seed=5)
     noise, prior = 1e-2, 1.0
 
     def ours():
@@ -234,8 +238,8 @@ def reference(args):
 def big(args):
     n, m = (10000, 500) if args.quick else (100000, 2000)
     module = trained_mlp((32, 128, 128, 1))
-    X, y = make_data(n + m, 32, seed=6)
-    X, Xt, y = X[:n].astype(np.float32), X[n:].astype(np.float32), y[:n]
+    X, y, Xt = train_test_data(n, m, 32, seed=6)
+    X, Xt = X.astype(np.float32), Xt.astype(np.float32)
     reg = FiniteNTKRegressor(
         module, noise=1e-2, dtype="float32", tol=1e-4, batch_size=2048, random_state=0
     )
