@@ -6,6 +6,9 @@ numpy <-> torch boundary. The numerical core (``_jacobian``, ``_operators``, ``_
 ``_posterior``) sees torch tensors only.
 """
 
+import io
+import warnings
+from itertools import chain
 from numbers import Integral, Real
 
 import numpy as np
@@ -13,7 +16,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import validate_data
+from sklearn.utils.validation import _check_sample_weight, validate_data
 
 from ._jacobian import JacobianProducts, explicit_jacobian, outputs_and_jvp
 from ._network import FunctionalNetwork, default_mlp
@@ -26,6 +29,41 @@ DENSE_MAX_SIZE = 4096
 LINEARIZATION_CACHE_BYTES = 1 << 30
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class DeviceFallbackWarning(UserWarning):
+    """An estimator was unpickled on a machine without the device it was fitted on.
+
+    Its fitted state (or its ``network``) was loaded on the CPU instead, where it
+    predicts; see the user guide, "Saving and loading".
+    """
+
+
+def _moved(objects, device):
+    """A copy of ``objects`` with every tensor (module parameters included) on device.
+
+    Through torch's own serialisation, which copies values bit for bit and keeps
+    shared storage and shared objects shared.
+    """
+    buffer = io.BytesIO()
+    torch.save(objects, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location=device, weights_only=False)
+
+
+def _device_available(device):
+    """Whether tensors can be put on ``device`` on this machine."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        index = 0 if device.index is None else device.index
+        return torch.cuda.is_available() and index < torch.cuda.device_count()
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):  # not compiled in, or no such device
+        return False
+    return True
 
 
 def _input_hint(module):
@@ -75,24 +113,122 @@ class FiniteNTKBase(BaseEstimator):
     def _torch_dtype(self):
         return _DTYPES[self.dtype]
 
+    @property
+    def _device(self):
+        """Where tensors are made: ``device``, except after unpickling on a machine
+        without the fitted device, where the fitted state stays on the CPU until the
+        next fit (see ``__setstate__``)."""
+        return getattr(self, "_device_override", None) or self.device
+
     def _tensor(self, array):
         array = np.ascontiguousarray(array)
         if not array.flags.writeable:  # torch cannot wrap read-only memory
             array = array.copy()
-        return torch.as_tensor(array, dtype=self._torch_dtype, device=self.device)
+        return torch.as_tensor(array, dtype=self._torch_dtype, device=self._device)
 
     @staticmethod
     def _numpy(tensor):
         return tensor.detach().cpu().numpy().astype(np.float64)
 
+    # -- persistence ------------------------------------------------------------------
+
+    def _devices(self):
+        """Devices of what a pickle carries, None where there is no tensor.
+
+        ``"fitted"``: the fitted state's (all on one device, the private network's);
+        ``"network"``: the ``network`` parameter's (its first parameter or buffer).
+        """
+        fitted = self.__dict__.get("_network")
+        network = self.__dict__.get("network")
+        tensors = (
+            chain(network.parameters(), network.buffers())
+            if isinstance(network, torch.nn.Module)
+            else ()
+        )
+        return {
+            "fitted": None if fitted is None else fitted.theta.device,
+            "network": next((tensor.device for tensor in tensors), None),
+        }
+
+    def _device_group(self, group, state):
+        """Keys of ``state`` that ``group`` (a key of ``_devices``) covers."""
+        if group == "network":
+            return ["network"]
+        parameters = set(self._get_param_names())
+        return [key for key in state if key not in parameters]
+
+    def __getstate__(self):
+        """The state to pickle, every tensor in it on the CPU.
+
+        What lives elsewhere (a fitted state on ``device="cuda"``, a ``network``
+        passed on a GPU) is copied to the CPU and its device recorded, so that the
+        pickle loads on any machine; see ``__setstate__``.
+        """
+        state = dict(super().__getstate__())  # object's is self.__dict__ itself
+        moved = {}
+        for group, device in self._devices().items():
+            if device is None or device.type == "cpu":
+                continue
+            keys = self._device_group(group, state)
+            state.update(_moved({key: state[key] for key in keys}, "cpu"))
+            moved[group] = str(device)
+        if moved:
+            state["_pickled_devices"] = moved
+        return state
+
+    def __setstate__(self, state):
+        """Restore a pickled estimator, its tensors back on their devices.
+
+        A device this machine lacks is replaced by the CPU, with a
+        DeviceFallbackWarning: the fitted state stays there and predicts there until
+        the next fit, which uses ``device`` again (left as it was, for ``get_params``).
+        """
+        state = dict(state)
+        moved = state.pop("_pickled_devices", {})
+        super().__setstate__(state)
+        missing = {}
+        for group, device in moved.items():
+            if not _device_available(device):
+                missing[group] = device
+                continue
+            keys = self._device_group(group, state)
+            self.__dict__.update(_moved({key: state[key] for key in keys}, device))
+        if "fitted" in missing:
+            self._device_override = "cpu"
+        if missing:
+            what = " and ".join(
+                f"{'given a network' if group == 'network' else 'fitted'} on {device}"
+                for group, device in missing.items()
+            )
+            warnings.warn(
+                f"This {type(self).__name__} was {what}, which this machine does not "
+                "have: it was loaded on the CPU and predicts there. Its device "
+                f"parameter is still {self.device!r}; set_params(device='cpu') to fit "
+                "it again here.",
+                DeviceFallbackWarning,
+                stacklevel=2,
+            )
+
     # -- validation -------------------------------------------------------------------
 
-    def _validate_fit_data(self, X, y, **kwargs):
+    def _validate_fit_data(self, X, y, sample_weight=None, **kwargs):
+        """Validated (X, y, sample_weight), without the samples of weight zero.
+
+        sample_weight: None, or the positive weights of the samples kept.
+        """
         X, y = validate_data(
             self, X, y, allow_nd=True, dtype=[np.float64, np.float32], **kwargs
         )
         self.input_shape_ = X.shape[1:]
-        return X, y
+        if sample_weight is None:
+            return X, y, None
+        # rejects all-zero and negative weights and a wrong shape, with sklearn's
+        # messages; a weight of zero is the same as leaving the sample out
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
+        keep = sample_weight > 0
+        return X[keep], y[keep], sample_weight[keep]
 
     def _validate_predict_X(self, X):
         X = validate_data(
@@ -120,6 +256,8 @@ class FiniteNTKBase(BaseEstimator):
         n_outputs : int
             Outputs per sample the targets need.
         """
+        # the new fitted state lives on ``device``, whatever unpickling chose before
+        self.__dict__.pop("_device_override", None)
         module = self.network
         if module is None:
             n_features = int(np.prod(X.shape[1:]))
@@ -127,7 +265,7 @@ class FiniteNTKBase(BaseEstimator):
             if X.ndim > 2:
                 module = torch.nn.Sequential(torch.nn.Flatten(), module)
         network = FunctionalNetwork(
-            module, self.parameters, dtype=self._torch_dtype, device=self.device
+            module, self.parameters, dtype=self._torch_dtype, device=self._device
         )
         sample = self._tensor(X[:2])
         try:
@@ -153,38 +291,44 @@ class FiniteNTKBase(BaseEstimator):
             f"{n_expected} output(s) per sample."
         )
 
-    def _training_jacobian(self, X, cache):
-        """JacobianProducts over the training inputs X (a tensor) at θ."""
+    def _training_jacobian(self, X, cache, row_scale=None):
+        """JacobianProducts over the training inputs X (a tensor) at θ.
+
+        ``row_scale`` (a tensor (n,) or None) scales each sample's rows of J.
+        """
         return JacobianProducts(
             self._network,
             self._network.theta,
             X,
             batch_size=self.batch_size,
             cache_bytes=LINEARIZATION_CACHE_BYTES if cache else 0,
+            row_scale=row_scale,
         )
 
     def _generator(self):
         """A torch Generator seeded from ``random_state`` (for Nyström sketches)."""
-        generator = torch.Generator(device=self.device)
+        generator = torch.Generator(device=self._device)
         generator.manual_seed(self._seed())
         return generator
 
-    def _structured_kernel(self, X):
+    def _structured_kernel(self, X, row_scale=None):
         """The layerwise kernel of the training inputs X (a tensor) where it applies.
 
         It applies in function space to networks of Linear layers and elementwise
         activations whose linearized parameters are Linear weights and biases;
-        None elsewhere.
+        None elsewhere. ``row_scale`` as in :meth:`_training_jacobian`.
         """
         network = self._network
         if self.space_ != "function" or not supports_structured(
             network.module, network.names
         ):
             return None
-        return LayerwiseKernel(network, X, batch_size=self.batch_size)
+        return LayerwiseKernel(network, X, batch_size=self.batch_size, row_scale=row_scale)
 
-    def _resolve_preconditioner(self, structured):
-        """``preconditioner="auto"``: pivoted Cholesky where kernel columns are cheap."""
+    def _resolve_preconditioner(self, structured, low_rank_variance=False):
+        """``preconditioner="auto"``: the low-rank variance's eigenpairs where there
+        are some (Nyström, no further products), else pivoted Cholesky where kernel
+        columns are cheap, else Nyström."""
         if self.preconditioner == "pivoted_cholesky" and self.space_ != "function":
             raise ValueError(
                 "preconditioner='pivoted_cholesky' needs kernel columns, so it works in "
@@ -195,7 +339,7 @@ class FiniteNTKBase(BaseEstimator):
             return None  # nothing to precondition
         if self.preconditioner != "auto":
             return self.preconditioner
-        if self.space_ == "function" and structured is not None:
+        if self.space_ == "function" and structured is not None and not low_rank_variance:
             return "pivoted_cholesky"
         return "nystrom"
 

@@ -8,14 +8,14 @@ both likelihoods use the class logits F̃ = F (k = C) or F̃ = (0, F) (k = 1).
 
 MAP. The logits F = m(X) + J δ are linear in δ, so the negative log posterior
 
-    L(δ) = Σ_i [logsumexp(F̃_i) - F̃_(i, y_i)] + ‖δ‖²/(2s)                      (1)
+    L(δ) = Σ_i v_i [logsumexp(F̃_i) - F̃_(i, y_i)] + ‖δ‖²/(2s)                  (1)
 
-is convex, with gradient and Hessian
+(v_i the sample weights, 1 by default) is convex, with gradient and Hessian
 
-    g = Jᵀ (π - Y) + δ/s,     H = Jᵀ Λ J + I/s,     Λ_i = diag(π_i) - π_i π_iᵀ    (2)
+    g = Jᵀ (v ⊙ (π - Y)) + δ/s,   H = Jᵀ Λ J + I/s,   Λ_i = v_i (diag(π_i) - π_i π_iᵀ)  (2)
 
 where π_i = softmax(F̃_i) and Y is one-hot, both restricted to the network's k logits
-(k = 1: Λ_i = π_i(1 - π_i)). H is the Fisher (generalized Gauss-Newton) matrix of
+(k = 1: Λ_i = v_i π_i(1 - π_i)). H is the Fisher (generalized Gauss-Newton) matrix of
 the linearized model, exactly. Newton's method solves H d = -g (Cholesky, or CG:
 inexactly in parameter space, see ``LaplacePosterior._forcing``), then backtracks on
 L(δ + t·d) (Armijo): along the line the logits are F + t·J d, one JVP. It stops once
@@ -286,6 +286,9 @@ class LaplacePosterior:
         Prior mean of the logits, m(X).
     labels : torch.Tensor of shape (n,), integer
         Class indices in 0 .. n_classes - 1.
+    weights : torch.Tensor of shape (n,) or None, default=None
+        Sample weights v_i multiplying each sample's log-likelihood in eq. (1);
+        None for all 1.
     n_classes : int
         C; k must be C, or 1 when C = 2.
     prior : float
@@ -324,6 +327,7 @@ class LaplacePosterior:
         offsets,
         labels,
         *,
+        weights=None,
         n_classes,
         prior,
         space,
@@ -338,6 +342,7 @@ class LaplacePosterior:
         self.jacobian, self.prior, self.tol = jacobian, prior, tol
         self.n_classes, self.n_logits = n_classes, jacobian.n_outputs
         self.labels = labels
+        self._weights = torch.ones_like(offsets[:, 0]) if weights is None else weights
         # Y restricted to the network's logits: the last k of the C one-hot columns.
         one_hot = torch.nn.functional.one_hot(labels, n_classes).to(offsets.dtype)
         self._targets = one_hot[:, n_classes - self.n_logits :]
@@ -363,17 +368,22 @@ class LaplacePosterior:
         """L(δ) of eq. (1) and the network-logit probabilities π, shape (n, k)."""
         class_logits = _class_logits(logits, self.n_classes)
         log_probs = torch.log_softmax(class_logits, dim=-1)
-        nll = -log_probs.gather(1, self.labels[:, None]).sum()
+        nll = -(self._weights * log_probs.gather(1, self.labels[:, None])[:, 0]).sum()
         probs = log_probs.exp()[:, self.n_classes - self.n_logits :]
         return float(nll + delta @ delta / (2 * self.prior)), probs
 
+    def _misfit(self, probs):
+        """v ⊙ (π - Y), shape (n, k): the likelihood's gradient in the logits."""
+        return self._weights[:, None] * (probs - self._targets)
+
     def _gradient(self, probs, delta):
-        """g = Jᵀ (π - Y) + δ/s, eq. (2)."""
-        return self.jacobian.vjp(probs - self._targets) + delta / self.prior
+        """g = Jᵀ (v ⊙ (π - Y)) + δ/s, eq. (2)."""
+        return self.jacobian.vjp(self._misfit(probs)) + delta / self.prior
 
     def _make_hessian(self, probs):
-        """H at the probabilities π: Λ_i = diag(π_i) - π_i π_iᵀ, eq. (2)."""
+        """H at the probabilities π: Λ_i = v_i (diag(π_i) - π_i π_iᵀ), eq. (2)."""
         curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+        curvature = self._weights[:, None, None] * curvature
         return _Hessian(self.jacobian, curvature, **self._hessian_options)
 
     # -- Newton's method ------------------------------------------------------------------
@@ -454,9 +464,9 @@ class LaplacePosterior:
         for _ in range(_MAX_HALVINGS):
             trial = delta + step_size * step
             trial_objective, probs = self._objective(logits + step_size * direction, trial)
-            # φ'(t) = (π(t) - Y)·J d + (δ + t·d)·d / s
+            # φ'(t) = (v ⊙ (π(t) - Y))·J d + (δ + t·d)·d / s
             derivative = float(
-                ((probs - self._targets) * direction).sum() + trial @ step / self.prior
+                (self._misfit(probs) * direction).sum() + trial @ step / self.prior
             )
             armijo = trial_objective <= objective + _ARMIJO * step_size * slope
             if armijo or derivative <= 0:
@@ -539,6 +549,10 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
     dtype : {"float64", "float32"}, default="float64"
         Precision of all torch computation (the network copy is cast to it).
     device : str or torch.device, default="cpu"
+        Where the network copy, the data and all computation live. A fitted
+        estimator pickles with its tensors on the CPU and loads back on this device,
+        or on the CPU with a ``DeviceFallbackWarning`` where the machine lacks it
+        (see the user guide, "Saving and loading").
     random_state : int, RandomState instance or None, default=None
         Seeds the default network's initialisation and the draws of ``link="mc"``.
     verbose : int, default=0
@@ -623,7 +637,7 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Find the MAP and Laplace posterior of the linearized network on (X, y).
 
         Parameters
@@ -632,12 +646,18 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
             Inputs in the shape the network takes (2-D features or n-D images).
         y : array-like of shape (n_samples,)
             Class labels, any sortable values.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative per-sample weights multiplying each sample's log-likelihood
+            (and so its gradient and Laplace curvature), as in LogisticRegression. An
+            integer weight is the same as repeating the sample that many times and a
+            zero weight as leaving it out (``classes_`` are those of the samples
+            kept). None: all weights 1.
 
         Returns
         -------
         self : FiniteNTKClassifier
         """
-        X, y = self._validate_fit_data(X, y)
+        X, y, sample_weight = self._validate_fit_data(X, y, sample_weight)
         check_classification_targets(y)
         self.classes_, labels = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
@@ -663,6 +683,7 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
             jacobian,
             offsets,
             torch.as_tensor(labels, device=offsets.device),
+            weights=None if sample_weight is None else self._tensor(sample_weight),
             n_classes=n_classes,
             prior=self.prior,
             space=self.space_,

@@ -11,6 +11,11 @@ Several columns are handled at once with ``torch.vmap``. Where a layer has no
 forward-mode rule, J V is taken as the VJP of the (linear) VJP map ``u -> Jᵀ u``
 ("double VJP"), which needs reverse mode only.
 
+Rows may be weighted: with ``row_scale`` = √w (one factor per sample, applied to all
+its outputs) every product is with diag(√w) J instead of J. Weighted Gaussian
+regression is ordinary regression on these scaled rows and residuals (see
+``FiniteNTKRegressor.fit``); the outputs f(θ, X) are never scaled.
+
 Iterative solvers apply J and Jᵀ many times to the same data. When the saved
 activations fit ``cache_bytes``, the forward pass of every chunk is done once: the VJP
 closure and the double-VJP closure built on it are kept, and each later product only
@@ -22,7 +27,7 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from ._memory import check_fits
 
-__all__ = ["JacobianProducts", "explicit_jacobian", "outputs_and_jvp"]
+__all__ = ["JacobianProducts", "explicit_jacobian", "outputs_and_jvp", "scale_rows"]
 
 # Largest explicit Jacobian block (batch_size x k x p) used to speed up products
 # with many columns.
@@ -30,6 +35,16 @@ EXPLICIT_BLOCK_BYTES = 1 << 28
 # Leaf-module activation bytes times this factor estimates what a chunk's cached VJP
 # and double-VJP graphs hold (the forward activations plus the backward graph).
 _GRAPH_BYTES_PER_ACTIVATION_BYTE = 4
+
+
+def scale_rows(array, scale, rows=slice(None)):
+    """Multiply sample i's entries of ``array`` (b, ...) by ``scale[rows][i]``.
+
+    ``scale`` is a tensor of per-sample factors, or None for no scaling.
+    """
+    if scale is None:
+        return array
+    return array * scale[rows].reshape(-1, *[1] * (array.ndim - 1))
 
 
 def _forward_mode_available(network, w, X):
@@ -105,6 +120,9 @@ class JacobianProducts:
     cache_bytes : int, default=0
         Keep each chunk's linearization (see module docstring) when the estimated
         memory of all chunks is at most this; 0 never caches.
+    row_scale : torch.Tensor of shape (n,) or None, default=None
+        Per-sample factors of the rows of J (√w for sample weights w): every product,
+        block and Fisher product is then with diag(row_scale) J. None: J itself.
 
     Attributes
     ----------
@@ -114,8 +132,9 @@ class JacobianProducts:
     cached : bool
     """
 
-    def __init__(self, network, w, X, *, batch_size, cache_bytes=0):
+    def __init__(self, network, w, X, *, batch_size, cache_bytes=0, row_scale=None):
         self.network, self.w, self.X = network, w, X
+        self.row_scale = row_scale
         self.n_samples = X.shape[0]
         self.n_params = w.numel()
         self.chunks = [
@@ -171,18 +190,23 @@ class JacobianProducts:
     def jvp(self, V):
         """J V for V of shape (p,) or (p, m); returns (n, k) or (n, k, m)."""
         if V.ndim == 2 and self._explicit_is_cheaper(V.shape[1]):
+            # the blocks' rows are scaled already
             return torch.cat(
                 [torch.einsum("iap,pm->iam", J, V) for _, J in self.jacobian_blocks()]
             )
         if self.cached:
-            return torch.cat([lin.jvp(V) for lin in self._linearized])
-        return torch.cat([self._chunk_jvp(self.X[c], V) for c in self.chunks])
+            JV = torch.cat([lin.jvp(V) for lin in self._linearized])
+        else:
+            JV = torch.cat([self._chunk_jvp(self.X[c], V) for c in self.chunks])
+        return scale_rows(JV, self.row_scale)
 
     def vjp(self, U):
         """Jᵀ U for U of shape (n, k) or (n, k, m); returns (p,) or (p, m)."""
         if U.ndim == 3 and self._explicit_is_cheaper(U.shape[2]):
+            # the blocks' rows are scaled already
             blocks = self.jacobian_blocks()
             return sum(torch.einsum("iap,iam->pm", J, U[c]) for c, J in blocks)
+        U = scale_rows(U, self.row_scale)
         if self.cached:
             parts = (
                 lin.vjp(U[c]) for lin, c in zip(self._linearized, self.chunks, strict=True)
@@ -197,10 +221,29 @@ class JacobianProducts:
     def _chunk_vjp(self, X, U):
         return _LinearizedChunk(self.network, self.w, X).vjp(U)
 
+    def fisher_product(self, V, finite_difference=False):
+        """Jᵀ J V for V of shape (p,) or (p, m); returns the shape of V.
+
+        Many columns (a sketch): one pass over explicit Jacobian blocks, Σ_c J_cᵀ(J_c V),
+        exact either way, since building each block once beats a pass per column.
+        Otherwise a JVP then a VJP, or the finite-difference product
+        (:meth:`fisher_product_fd`) when ``finite_difference``.
+        """
+        if V.ndim == 2 and self._explicit_is_cheaper(V.shape[1]):
+            blocks = self.jacobian_blocks()  # rows scaled already
+            return sum(
+                torch.einsum("iap,iam->pm", J, torch.einsum("iap,pm->iam", J, V))
+                for _, J in blocks
+            )
+        if finite_difference:
+            return self.fisher_product_fd(V)
+        return self.vjp(self.jvp(V))
+
     def fisher_product_fd(self, V):
         """Jᵀ J V by the finite-difference Gauss-Newton product of Maddox et al. (2021).
 
-        ∇_w' ½‖f(θ, X) - f(w', X)‖² at w' = θ + εv equals ε·JᵀJ v + O(ε²), so each
+        ∇_w' ½‖f(θ, X) - f(w', X)‖² at w' = θ + εv equals ε·JᵀJ v + O(ε²) (with each
+        sample's misfit scaled by its ``row_scale``, for the scaled J), so each
         column costs one forward and one backward pass at θ + εv, with f(θ, X)
         cached. The step ε = √(machine ε)·(1 + ‖θ‖)/‖v‖ balances the O(ε) truncation
         error against rounding. The network's parameters are never modified.
@@ -219,23 +262,20 @@ class JacobianProducts:
         step = torch.where(norms > 0, scale / norms, torch.ones_like(norms))
         W = self.w[:, None] + step * columns
 
-        def gradient(w, X, f0):
+        def gradient(rows):
             def misfit(w_):
-                return 0.5 * ((self.network(w_, X) - f0) ** 2).sum()
+                change = self.network(w_, self.X[rows]) - self.outputs[rows]
+                return 0.5 * (scale_rows(change, self.row_scale, rows) ** 2).sum()
 
-            return grad(misfit)(w)
+            return vmap(grad(misfit), in_dims=1, out_dims=1)(W)
 
-        total = sum(
-            vmap(gradient, in_dims=(1, None, None), out_dims=1)(
-                W, self.X[c], self.outputs[c]
-            )
-            for c in self.chunks
-        )
+        total = sum(gradient(c) for c in self.chunks)
         return (total / step).reshape(V.shape)
 
     def jacobian(self, chunk):
-        """Explicit Jacobian of the rows ``chunk`` of X, shape (b, k, p)."""
-        return explicit_jacobian(self.network, self.w, self.X[chunk])
+        """Explicit (scaled) Jacobian of the rows ``chunk`` of X, shape (b, k, p)."""
+        J = explicit_jacobian(self.network, self.w, self.X[chunk])
+        return scale_rows(J, self.row_scale, chunk)
 
     def jacobian_blocks(self):
         """Yield ``(chunk, J_chunk)`` with J_chunk of shape (b, k, p)."""

@@ -15,7 +15,7 @@ its dense assembly; ``matmat`` adds the shift. As in curvlinops, nothing else.
 
 import torch
 
-from ._jacobian import explicit_jacobian, outputs_and_jvp
+from ._jacobian import EXPLICIT_BLOCK_BYTES, explicit_jacobian
 
 __all__ = ["KernelOperator", "ParameterOperator"]
 
@@ -51,9 +51,20 @@ class _Operator:
         return explicit_jacobian(self.jacobian.network, self.jacobian.w, X).flatten(0, 1)
 
     def test_projections(self, X, V):
-        """‖J*‖² per test row, shape (m·k,), and J* V, shape (m·k, r), at inputs X."""
-        Jt = self.test_jacobian(X)
-        return (Jt**2).sum(1), Jt @ V
+        """‖J*‖² per test row, shape (m·k,), and J* V, shape (m·k, r), at inputs X.
+
+        From explicit test Jacobian blocks of at most ``EXPLICIT_BLOCK_BYTES``: one
+        batched backward pass per block instead of r forward-mode products.
+        """
+        w = self.jacobian.w
+        row_bytes = self.n_outputs * self.n_params * w.element_size()
+        rows = max(1, EXPLICIT_BLOCK_BYTES // row_bytes)
+        squared_norms, JV = [], []
+        for start in range(0, X.shape[0], rows):
+            Jt = self.test_jacobian(X[start : start + rows])
+            squared_norms.append((Jt**2).sum(1))
+            JV.append(Jt @ V)
+        return torch.cat(squared_norms), torch.cat(JV)
 
 
 class KernelOperator(_Operator):
@@ -117,19 +128,6 @@ class KernelOperator(_Operator):
                 K[rows[j], rows[i]] = block.T
         return K
 
-    def test_projections(self, X, V):
-        """‖J*‖² per test row, shape (m·k,), and J* V, shape (m·k, r), at inputs X.
-
-        With the layerwise kernel, ‖J*‖² comes from the per-layer features and J* V
-        from forward-mode products: no explicit test Jacobian.
-        """
-        if self.structured is None:
-            return super().test_projections(X, V)
-        squared_norms = self.structured.diagonal(self.structured.features(X))
-        jacobian = self.jacobian
-        _, JV = outputs_and_jvp(jacobian.network, jacobian.w, X, V, jacobian.forward_mode)
-        return squared_norms, JV.reshape(-1, V.shape[1])
-
     def test_kernels(self, X, diagonal):
         """Prior kernel at test inputs X and its cross kernel with the training set.
 
@@ -162,7 +160,8 @@ class ParameterOperator(_Operator):
 
     ``fisher_product="finite_difference"`` replaces the exact JᵀJ v (JVP then VJP)
     by the finite-difference form (:meth:`JacobianProducts.fisher_product_fd`): an
-    O(√ε) relative error traded for one plain forward and backward pass.
+    O(√ε) relative error traded for one plain forward and backward pass. It applies
+    to products with few columns (the CG iterations).
     """
 
     def __init__(self, jacobian, *, prior, noise, fisher_product="exact"):
@@ -176,10 +175,11 @@ class ParameterOperator(_Operator):
         return self.n_params
 
     def psd_matmat(self, V):
-        """Jᵀ J V for V of shape (p, m): a Fisher-vector product."""
-        if self.fisher_product == "finite_difference":
-            return self.jacobian.fisher_product_fd(V)
-        return self.jacobian.vjp(self.jacobian.jvp(V))
+        """Jᵀ J V for V of shape (p, m): Fisher-vector products (see
+        :meth:`JacobianProducts.fisher_product`; blocks of many columns, such as
+        sketches, are exact even with ``fisher_product="finite_difference"``)."""
+        finite_difference = self.fisher_product == "finite_difference"
+        return self.jacobian.fisher_product(V, finite_difference=finite_difference)
 
     def psd_diagonal(self):
         """Σ_(i,k) J[i, k, p]², shape (p,)."""

@@ -39,9 +39,14 @@ from ._preconditioners import (
 
 __all__ = ["GaussianPosterior", "cholesky"]
 
-# Low-rank variance: grow the sketch until f_r / (f_r + c) ≤ this (the relative
-# weight of the first dropped direction), or the rank cap is reached.
+# Low-rank variance: keep the directions of JᵀJ whose weight f / (f + c) exceeds
+# this; a sketch grows until its last weight is at most this, or the rank cap.
 LOW_RANK_WEIGHT = 0.01
+# Low-rank variance from exact eigenpairs (one eigh of J Jᵀ or JᵀJ) up to this order;
+# a Nyström sketch above it.
+EIGEN_SIZE = 4096
+# Memory cap on the low-rank factor V, shape (p, r): it bounds r.
+LOW_RANK_BYTES = 1 << 29
 # Nyström preconditioner: grow until λ_r ≤ this multiple of the shift.
 NYSTROM_RATIO = 10.0
 
@@ -100,8 +105,10 @@ class GaussianPosterior:
     rank : int
         Rank of the preconditioner or low-rank variance actually built (0 if none).
     variance_tail_weight : float or None
-        Low-rank variance: f_r/(f_r + c), the weight of the last direction kept; the
-        directions past the sketch weigh about this much or less.
+        Low-rank variance: the largest weight f/(f + c) left out, which bounds the
+        overestimate by that fraction of s·‖J*‖². Exact with exact eigenpairs (0 at
+        full rank); for a Nyström sketch, the weight of its last direction, which the
+        directions past it weigh about as much as or less.
     """
 
     def __init__(
@@ -142,7 +149,12 @@ class GaussianPosterior:
         self._low_rank = None
         self.rank, self.variance_tail_weight = 0, None
         sketch_options = dict(rank=rank, max_rank=max_rank, generator=generator)
-        if variance == "low_rank":
+        exact_eigenpairs = variance == "low_rank" and self.operator.size <= EIGEN_SIZE
+        if gram is None and solver == "dense" and exact_eigenpairs:
+            gram = self.operator.gram_dense()  # assembled once for both uses
+        if exact_eigenpairs:
+            self._low_rank = self._low_rank_from_eigenpairs(rank, gram)
+        elif variance == "low_rank":
             self._low_rank = self._low_rank_variance(**sketch_options)
         if solver == "dense":
             self._factor = self._dense_factor(gram)
@@ -200,13 +212,53 @@ class GaussianPosterior:
             built = PivotedCholeskyPreconditioner(
                 op.psd_diagonal(), op.column, rank, op.shift
             )
-        elif self._low_rank is not None and rank is None:
-            # The variance sketch is a finer Nyström approximation: reuse it.
+        elif self._low_rank is not None:
+            # The variance's eigenpairs are a finer Nyström approximation: reuse them.
             built = self._low_rank[0]
         else:
             built = self._nystrom(NYSTROM_RATIO, rank, max_rank, generator)
         self.rank = max(self.rank, built.rank)
         return built
+
+    def _rank_budget(self):
+        """The largest r whose factor V (p, r) fits in ``LOW_RANK_BYTES``."""
+        w = self.operator.jacobian.w
+        return max(1, LOW_RANK_BYTES // (w.numel() * w.element_size()))
+
+    def _low_rank_from_eigenpairs(self, rank, gram):
+        """Exact top eigenpairs (f, V) of JᵀJ and the weights f/(f + c).
+
+        One eigendecomposition of G = J Jᵀ = E diag(f) Eᵀ (function space) gives
+        V = Jᵀ E f^-½, the eigenvectors of JᵀJ (r products with Jᵀ); in parameter
+        space G = JᵀJ and V = E. Keeping the r directions of weight above
+        ``LOW_RANK_WEIGHT`` (or ``rank`` of them) leaves out at most the next weight
+        times s·‖J*‖²: ``variance_tail_weight`` is that weight, exactly. When r is
+        the full rank of J the "low-rank" variance is the exact one.
+        """
+        op = self.operator
+        if gram is None:
+            gram = op.gram_dense()
+        fisher, E = torch.linalg.eigh(gram)
+        fisher, E = fisher.flip(0), E.flip(1)  # descending
+        # Eigenvalues at rounding level (J's null space) are not kept.
+        keep = int((fisher > torch.finfo(fisher.dtype).eps * op.size * fisher[0]).sum())
+        weights = fisher[:keep] / (fisher[:keep] + self.noise / self.prior)
+        if rank is None:
+            rank = int((weights > LOW_RANK_WEIGHT).sum())
+        rank = max(1, min(rank, keep, self._rank_budget()))
+        self.variance_tail_weight = float(weights[rank]) if rank < keep else 0.0
+        fisher, E, weights = fisher[:rank], E[:, :rank], weights[:rank]
+        if self.space == "function":
+            shape = (op.n_samples, op.n_outputs, rank)
+            V = op.jacobian.vjp(E.reshape(shape)) / fisher.sqrt()
+        else:
+            V = E
+        self.rank = rank
+        # The same eigenpairs of P = gram_scale·G precondition CG optimally.
+        sketch = NystromPreconditioner.from_eigenpairs(
+            E, op.gram_scale * fisher, op.shift
+        )
+        return sketch, V, weights
 
     def _low_rank_variance(self, rank, max_rank, generator):
         """Eigenpairs (f, V) of JᵀJ and the weights f/(f + c), from a sketch.
@@ -225,6 +277,7 @@ class GaussianPosterior:
         c = self.noise / self.prior
         # Stop once λ_r ≤ ratio·shift, i.e. the weight f_r/(f_r + c) ≤ LOW_RANK_WEIGHT.
         ratio = LOW_RANK_WEIGHT / (1 - LOW_RANK_WEIGHT)
+        max_rank = min(max_rank, self._rank_budget())
         sketch = self._nystrom(ratio, rank, max_rank, generator)
         U = sketch.eigenvectors[:, sketch.eigenvalues > 0]
         jacobian = self.operator.jacobian

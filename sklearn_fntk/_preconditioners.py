@@ -202,8 +202,28 @@ class NystromPreconditioner:
             if eigenvalues[-1] <= ratio * shift or sketch.rank >= max_rank:
                 break
             target = min(2 * sketch.rank, max_rank)
+        return cls.from_eigenpairs(U, eigenvalues, shift)
+
+    @classmethod
+    def from_eigenpairs(cls, eigenvectors, eigenvalues, shift):
+        """The preconditioner of a known rank-r eigendecomposition P ≈ U diag(λ) Uᵀ.
+
+        With exact top eigenpairs this is the best rank-r choice (no sketch needed).
+
+        Parameters
+        ----------
+        eigenvectors : torch.Tensor of shape (d, r)
+            Orthonormal columns.
+        eigenvalues : torch.Tensor of shape (r,)
+            Descending, non-negative.
+        shift : float
+
+        Returns
+        -------
+        NystromPreconditioner
+        """
         preconditioner = cls.__new__(cls)
-        preconditioner._set_factors(U, eigenvalues, shift)
+        preconditioner._set_factors(eigenvectors, eigenvalues, shift)
         return preconditioner
 
     def _set_factors(self, eigenvectors, eigenvalues, shift):

@@ -3,6 +3,7 @@
 import warnings
 from numbers import Real
 
+import numpy as np
 import torch
 from sklearn.base import RegressorMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
@@ -12,6 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._base import FiniteNTKBase
 from ._evidence import SpectralEvidence
+from ._jacobian import scale_rows
 from ._operators import KernelOperator, ParameterOperator
 from ._posterior import GaussianPosterior
 
@@ -42,7 +44,8 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         deep-copied and used in eval mode; the module passed in is never changed.
         None builds a randomly initialised tanh MLP (64, 64) at fit time.
     noise : float, default=1e-2
-        Observation noise variance σ² (in units of y squared).
+        Observation noise variance σ² (in units of y squared); σ²/w_i for a sample
+        of weight w_i (``sample_weight`` in :meth:`fit`).
     prior : float, default=1.0
         Prior variance s of the weights around θ: the kernel is s·J(x)J(x')ᵀ.
     prior_mean : {"network", "zero"}, default="network"
@@ -63,28 +66,33 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         Nyström approximation from ``rank`` operator products (Fisher-vector
         products in parameter space); "pivoted_cholesky": partial pivoted Cholesky
         of the kernel (function space only); "jacobi": the exact diagonal. "auto"
-        picks pivoted Cholesky where kernel columns are cheap (function space with
-        the layerwise kernel of a Linear/elementwise network) and Nyström otherwise;
-        Jacobi is never chosen: on trained networks it was measured to slow CG down.
+        picks Nyström built from the low-rank variance's eigenpairs when the
+        variance is low-rank (no further products), else pivoted Cholesky where
+        kernel columns are cheap (function space with the layerwise kernel of a
+        Linear/elementwise network), else Nyström; Jacobi is never chosen: on
+        trained networks it was measured to slow CG down.
     fisher_product : {"exact", "finite_difference"}, default="exact"
         Parameter-space products JᵀJ v: exact (a JVP then a VJP), or the
         finite-difference form of Maddox et al. (2021), ∇ ½‖f_θ(X) - f_θ+εv(X)‖² / ε:
         one forward and backward pass, O(√machine-ε) relative error (measured
-        3e-8 in float64 and 8e-4 in float32 on a trained MLP). Only used by CG in
-        parameter space.
+        3e-8 in float64 and 8e-4 in float32 on a trained MLP). Only used by the CG
+        iterations in parameter space: products with many columns at once
+        (Nyström sketches) go through explicit Jacobian blocks, exactly.
     variance : {"auto", "exact", "low_rank"}, default="auto"
-        Predictive variances: "exact" solves against the test Jacobian; "low_rank"
-        uses the top eigenpairs of the Fisher JᵀJ cached at fit time (a Nyström
-        sketch grown until the first dropped direction carries at most 1% weight,
-        capped at rank 512), so predicting needs O(rank) Jacobian products over the
-        test points and no training data. It never underestimates the exact
-        variance; the overestimate is about ``prior · w · ‖J(x)‖²`` at most, with
-        ``w`` the weight of the last direction kept, ``variance_tail_weight_``.
-        "auto" is currently "exact": on the trained MLPs measured so far the
-        spectrum had not decayed to the noise level by rank 512 (last weights
-        0.7-0.99 at noise 1e-2), so the sketch would cost more than it saves.
-        "low_rank" warns when its last weight exceeds 0.1. ``return_cov`` is always
-        exact.
+        Predictive variances. "exact" solves against the test Jacobian (with the
+        Cholesky factor of the dense solver; with CG, a block CG solve per test
+        batch, which is slow). "low_rank" keeps the top eigenpairs of the Fisher
+        JᵀJ whose weight f/(f + σ²/s) exceeds 1% (cached at fit time), so
+        predicting needs only the test Jacobian times a (p, rank) factor, no training
+        data. Up to 4096 rows (function space) or parameters (parameter space) the
+        eigenpairs are exact, from one eigendecomposition of J Jᵀ or JᵀJ, and when
+        every direction weighs more than 1% the low-rank variance is the exact one;
+        above that size they come from a Nyström sketch capped at rank 512. The
+        factor is also capped at 512 MiB. The low-rank variance never underestimates
+        the exact one and overestimates it by at most ``prior · w · ‖J(x)‖²``, with
+        ``w = variance_tail_weight_`` the largest weight left out. "auto": "exact"
+        with the dense solver, "low_rank" with CG. A low-rank variance warns when
+        ``w`` exceeds 0.1. ``return_cov`` is always exact.
     rank : int or None, default=None
         Rank of the Nyström / pivoted Cholesky preconditioner and of the low-rank
         variance. None: Nyström sketches grow adaptively (doubling from 16 up to
@@ -107,6 +115,10 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
     dtype : {"float64", "float32"}, default="float64"
         Precision of all torch computation (the network copy is cast to it).
     device : str or torch.device, default="cpu"
+        Where the network copy, the data and all computation live. A fitted
+        estimator pickles with its tensors on the CPU and loads back on this device,
+        or on the CPU with a ``DeviceFallbackWarning`` where the machine lacks it
+        (see the user guide, "Saving and loading").
     random_state : int, RandomState instance or None, default=None
         Seeds the default network's initialisation, the Nyström sketches and the
         random restarts of ``optimize=True``.
@@ -213,7 +225,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         return tags
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Condition the linearized-network GP on (X, y).
 
         Parameters
@@ -221,12 +233,22 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         X : array-like of shape (n_samples, ...)
             Inputs in the shape the network takes (2-D features or n-D images).
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative per-sample weights w_i scaling the noise precision: sample
+            i has noise variance ``noise / w_i`` (on all its outputs). For the
+            posterior, an integer weight is the same as repeating the sample that
+            many times and a zero weight as leaving it out. ``noise_`` is the
+            variance at weight 1, and :meth:`log_marginal_likelihood` (maximised by
+            ``optimize=True``) is that of the weighted model: one observation of
+            variance ``noise / w_i`` per sample. None: all weights 1.
 
         Returns
         -------
         self : FiniteNTKRegressor
         """
-        X, y = self._validate_fit_data(X, y, multi_output=True, y_numeric=True)
+        X, y, sample_weight = self._validate_fit_data(
+            X, y, sample_weight, multi_output=True, y_numeric=True
+        )
         Y = y.reshape(y.shape[0], -1)
         self._y_ndim = y.ndim
         self.n_outputs_ = Y.shape[1]
@@ -235,10 +257,21 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         self.space_, self.solver_ = self._choose(n_rows, self._network.n_params)
 
         X = self._tensor(X)  # one copy, shared by the kernel and the Jacobian products
-        structured = self._structured_kernel(X)
+        # Noise variances σ²/w_i: the GP on the rows of J and r scaled by √w_i has
+        # noise σ² I, so everything below works on that scaled system. Its log
+        # evidence is that of the weighted model less ½ Σ log w (one term per row).
+        row_scale, self._log_weight = None, 0.0
+        if sample_weight is not None:
+            row_scale = torch.sqrt(self._tensor(sample_weight))
+            self._log_weight = 0.5 * self.n_outputs_ * float(np.log(sample_weight).sum())
+        structured = self._structured_kernel(X, row_scale)
         self.kernel_ = "layerwise" if structured is not None else "autodiff"
-        self.preconditioner_ = self._resolve_preconditioner(structured)
-        self.variance_ = "exact" if self.variance == "auto" else self.variance
+        self.variance_ = self.variance
+        if self.variance == "auto":  # exact variances cost a CG solve per test batch
+            self.variance_ = "exact" if self.solver_ == "dense" else "low_rank"
+        self.preconditioner_ = self._resolve_preconditioner(
+            structured, low_rank_variance=self.variance_ == "low_rank"
+        )
         # Iterative solves reuse each chunk's forward pass, except where the kernel
         # is layerwise or the finite-difference Fisher product runs its own passes.
         finite_difference = (
@@ -247,12 +280,14 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         jacobian = self._training_jacobian(
             X,
             cache=self.solver_ == "cg" and structured is None and not finite_difference,
+            row_scale=row_scale,
         )
         self.forward_mode_ = jacobian.forward_mode
-        # r = y - m(X), with m(X) = f_θ(X) or 0
+        # r = y - m(X), with m(X) = f_θ(X) or 0, scaled like J's rows
         residuals = self._tensor(Y)
         if self.prior_mean == "network":
             residuals = residuals - jacobian.outputs
+        residuals = scale_rows(residuals, row_scale)
         self.noise_, self.prior_, gram = self.noise, self.prior, None
         if self.optimize:
             gram, best = self._maximize_evidence(jacobian, residuals, structured)
@@ -283,20 +318,20 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         return self
 
     def _check_low_rank_variance(self):
-        """Warn where the low-rank sketch stopped short of the noise level.
+        """Warn where the low-rank variance stopped short of the noise level.
 
-        A last kept direction weighing more than ``LOW_RANK_MAX_TAIL_WEIGHT`` means
-        the rank cap was hit well before the noise level: the variances may be
+        A direction left out weighing more than ``LOW_RANK_MAX_TAIL_WEIGHT`` means a
+        rank cap was hit well before the noise level: the variances may be
         overestimated by up to that fraction of the prior variance.
         """
         weight = self.variance_tail_weight_
         if self.variance_ != "low_rank" or weight <= LOW_RANK_MAX_TAIL_WEIGHT:
             return
         warnings.warn(
-            f"The low-rank variance reached rank {self.rank_} with its last direction "
-            f"still weighing {weight:.2f} (above {LOW_RANK_MAX_TAIL_WEIGHT}): "
-            "predictive std may be overestimated by up to that fraction of the prior "
-            "std. Increase rank, or use variance='exact'.",
+            f"The low-rank variance stopped at rank {self.rank_} with directions left "
+            f"out weighing up to {weight:.2f} (above {LOW_RANK_MAX_TAIL_WEIGHT}): "
+            "predictive variances may be overestimated by up to that fraction of the "
+            "prior variance. Increase rank, or use variance='exact'.",
             UserWarning,
             stacklevel=3,
         )
@@ -456,6 +491,8 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
     ):
         """Log evidence log p(y | X, ``noise_``, ``prior_``) of the fitted model.
 
+        With ``sample_weight`` in fit, the noise covariance is ``noise_`` · diag(1/w).
+
         Parameters
         ----------
         method : {"exact", "stochastic"}, default="exact"
@@ -488,4 +525,5 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
             )
         else:
             raise ValueError(f"method must be 'exact' or 'stochastic', got {method!r}.")
+        value += self._log_weight  # the scaled system's evidence -> the weighted model's
         return (value, std_error) if return_std_error else value

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ._jacobian import scale_rows
+
 __all__ = ["LayerwiseKernel", "supports_structured"]
 
 # Modules applied elementwise (or as the identity in eval mode, like dropout): their
@@ -211,6 +213,10 @@ class LayerwiseKernel:
         Training inputs; a sample is a vector, or is flattened by a leading Flatten.
     batch_size : int
         Samples per chunk in the setup passes and in the products.
+    row_scale : torch.Tensor of shape (n,) or None, default=None
+        Per-sample factors of the training rows of J (√w for sample weights w): the
+        kernel is then diag(row_scale) J Jᵀ diag(row_scale), by scaling each sample's
+        output gradients G. Other inputs (:meth:`features`) are never scaled.
 
     Attributes
     ----------
@@ -221,7 +227,7 @@ class LayerwiseKernel:
         The network's outputs f(θ, X), a by-product of the setup.
     """
 
-    def __init__(self, network, X, *, batch_size):
+    def __init__(self, network, X, *, batch_size, row_scale=None):
         if not supports_structured(network.module, network.names):
             raise ValueError(
                 "LayerwiseKernel needs an nn.Sequential of Linear layers and "
@@ -241,15 +247,20 @@ class LayerwiseKernel:
         self.n_samples = X.shape[0]
         self._features, outputs = [], []
         for start in range(0, self.n_samples, batch_size):
-            features, out = self._chunk_features(X[start : start + batch_size])
+            rows = slice(start, start + batch_size)
+            features, out = self._chunk_features(X[rows], row_scale, rows)
             self._features.append(features)
             outputs.append(out)
         self.outputs = torch.cat(outputs)
         self.n_outputs = self.outputs.shape[1]
         self.size = self.n_samples * self.n_outputs
 
-    def _chunk_features(self, X):
-        """One forward and k backward passes: (_ChunkFeatures, outputs (b, k))."""
+    def _chunk_features(self, X, row_scale=None, rows=slice(None)):
+        """One forward and k backward passes: (_ChunkFeatures, outputs (b, k)).
+
+        X holds the rows ``rows`` of the training inputs when ``row_scale`` (n,) is
+        given: each sample's G, hence its rows of J, is scaled by its factor.
+        """
         first = min(self._layers)
         Z, layer_outputs = [], []
         h = X
@@ -286,7 +297,10 @@ class LayerwiseKernel:
                 torch.autograd.grad(out[:, a].sum(), layer_outputs, retain_graph=a < k - 1)
                 for a in range(k)
             ]
-        G = [torch.stack(per_output, dim=1) for per_output in zip(*grads, strict=True)]
+        G = [
+            scale_rows(torch.stack(per_output, dim=1), row_scale, rows)
+            for per_output in zip(*grads, strict=True)
+        ]
         return _ChunkFeatures(Z, G), out.detach()
 
     def features(self, X):

@@ -40,34 +40,40 @@ def linearize(module, X):
     return outputs, jacrev(logits)(theta), theta
 
 
-def _likelihood(F, labels, n_classes):
-    """Negative log likelihood, its gradient in F (n, k) and curvature Λ (n, k, k)."""
+def _likelihood(F, labels, n_classes, weights):
+    """Weighted negative log likelihood Σ_i w_i NLL_i, its gradient in F (n, k) and
+    curvature w_i Λ_i (n, k, k)."""
+    w = weights[:, None]
     if F.shape[1] == 1:  # sigmoid: p = σ(f), -log p(y|f) = softplus(f) - y·f
         y = labels.to(F.dtype)[:, None]
         p = torch.sigmoid(F)
-        nll = (torch.nn.functional.softplus(F) - y * F).sum()
-        return nll, p - y, (p * (1 - p))[:, :, None]
+        nll = (w * (torch.nn.functional.softplus(F) - y * F)).sum()
+        return nll, w * (p - y), (w * p * (1 - p))[:, :, None]
     log_p = torch.log_softmax(F, dim=1)
     p = log_p.exp()
     Y = torch.nn.functional.one_hot(labels, n_classes).to(F.dtype)
-    nll = -(Y * log_p).sum()
+    nll = -(w * Y * log_p).sum()
     curvature = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    return nll, p - Y, curvature
+    return nll, w * (p - Y), w[:, :, None] * curvature
 
 
-def newton_map(F0, J, labels, n_classes, prior, *, line_search=True, max_iter=200):
-    """MAP δ̂ of Σ_i NLL(F0_i + J_i δ) + ‖δ‖²/(2 prior) by Newton's method.
+def newton_map(
+    F0, J, labels, n_classes, prior, *, line_search=True, max_iter=200, weights=None
+):
+    """MAP δ̂ of Σ_i w_i NLL(F0_i + J_i δ) + ‖δ‖²/(2 prior) by Newton's method.
 
-    Returns ``(delta, H, history)`` with H the Hessian at δ̂ and ``history`` the
-    objective after every iteration. Without line search every step is a full
-    Newton step (for showing that it is needed).
+    ``weights`` w (n,) default to 1. Returns ``(delta, H, history)`` with H the
+    Hessian at δ̂ and ``history`` the objective after every iteration. Without line
+    search every step is a full Newton step (for showing that it is needed).
     """
     n, k, p = J.shape
     Jf = J.reshape(n * k, p)
     delta = torch.zeros(p, dtype=torch.float64)
+    w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights)
 
     def objective(d):
-        nll, G, curvature = _likelihood(F0 + (Jf @ d).reshape(n, k), labels, n_classes)
+        F = F0 + (Jf @ d).reshape(n, k)
+        nll, G, curvature = _likelihood(F, labels, n_classes, w)
         return float(nll + d @ d / (2 * prior)), G, curvature
 
     value, G, curvature = objective(delta)
@@ -94,7 +100,7 @@ def newton_map(F0, J, labels, n_classes, prior, *, line_search=True, max_iter=20
 
 
 def laplace_reference(
-    module, X, y, X_test, *, prior, prior_mean="network", line_search=True
+    module, X, y, X_test, *, prior, prior_mean="network", line_search=True, weights=None
 ):
     """The fitted reference: class order, MAP, predictive mean and covariance.
 
@@ -104,6 +110,8 @@ def laplace_reference(
     X, X_test : ndarray
     y : ndarray of shape (n,)
         Labels, any sortable values.
+    weights : ndarray of shape (n,) or None
+        Positive weights of the samples' log-likelihood terms; None for all 1.
 
     Returns
     -------
@@ -116,7 +124,7 @@ def laplace_reference(
     if prior_mean == "zero":
         F0, F0_test = torch.zeros_like(F0), torch.zeros_like(F0_test)
     delta, H, history = newton_map(
-        F0, J, labels, len(classes), prior, line_search=line_search
+        F0, J, labels, len(classes), prior, line_search=line_search, weights=weights
     )
     m, k, p = J_test.shape
     mean = F0_test + (J_test.reshape(m * k, p) @ delta).reshape(m, k)

@@ -7,6 +7,7 @@ GP formulas of Rasmussen & Williams (2006), Algorithm 2.1, are applied with a Ch
 factor of the explicit kernel matrix:
 
     K     = s·J Jᵀ + σ² I                                (n·k x n·k, joint over outputs)
+            (s·J Jᵀ + σ² diag(1/w) with sample weights w, each sample's on its k rows)
     mean  = m(X*) + s·J* Jᵀ K⁻¹ r,        r = y - m(X)
     cov   = s·J* J*ᵀ - s²·J* Jᵀ K⁻¹ J J*ᵀ
     log p = -½ rᵀ K⁻¹ r - ½ log|K| - (n·k/2) log 2π
@@ -23,7 +24,12 @@ import numpy as np
 import torch
 from torch.func import functional_call, jacrev
 
-__all__ = ["ReferencePosterior", "reference_jacobian", "reference_posterior"]
+__all__ = [
+    "ReferencePosterior",
+    "RelativeErrors",
+    "reference_jacobian",
+    "reference_posterior",
+]
 
 
 @dataclass
@@ -48,6 +54,26 @@ class ReferencePosterior:
     cov: np.ndarray
     lml: float
     K: np.ndarray
+
+
+class RelativeErrors:
+    """The largest relative errors seen per quantity, for a test module's report."""
+
+    def __init__(self, module, keys):
+        self.module = module
+        self.largest = dict.fromkeys(keys, 0.0)
+
+    def record(self, key, actual, expected):
+        """Record max |actual - expected| / max(|expected|, 1e-3·max |expected|)."""
+        actual, expected = np.asarray(actual), np.asarray(expected)
+        scale = np.maximum(np.abs(expected), 1e-3 * np.abs(expected).max())
+        error = float(np.max(np.abs(actual - expected) / scale))
+        self.largest[key] = max(self.largest[key], error)
+
+    def report(self):
+        return f"\n[{self.module}] largest relative errors: " + ", ".join(
+            f"{key} {value:.2e}" for key, value in self.largest.items()
+        )
 
 
 def _float64_eval_copy(module):
@@ -102,6 +128,7 @@ def reference_posterior(
     prior=1.0,
     prior_mean="network",
     parameters=None,
+    weights=None,
 ):
     """Dense float64 GP posterior of the linearized network.
 
@@ -114,6 +141,8 @@ def reference_posterior(
     noise, prior : float
     prior_mean : {"network", "zero"}
     parameters : list of str or None
+    weights : array of shape (n,) or None
+        Positive sample weights: sample i has noise variance ``noise / weights[i]``.
 
     Returns
     -------
@@ -133,7 +162,8 @@ def reference_posterior(
         raise ValueError(prior_mean)
 
     r = (Y - m_train).reshape(-1, 1)
-    K = prior * (J @ J.T) + noise * torch.eye(n * k, dtype=torch.float64)
+    w = torch.ones(n, dtype=torch.float64) if weights is None else _as_tensor(weights)
+    K = prior * (J @ J.T) + noise * torch.diag(1.0 / w.repeat_interleave(k))
     L = torch.linalg.cholesky(K)
     alpha = torch.cholesky_solve(r, L)  # K⁻¹ r
     K_cross = prior * (J @ J_star.T)  # (n*k, m*k)

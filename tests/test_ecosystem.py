@@ -1,7 +1,8 @@
 """FiniteNTKRegressor inside the scikit-learn ecosystem, through its public API only.
 
-Pipelines, grid search (serial, joblib processes, dask), cross-validation, pickling,
-cloning and pandas input, on small MLPs and at most 200 samples.
+Pipelines, grid search (serial, joblib processes, dask), cross-validation, pickling
+(also of both estimators across devices), cloning and pandas input, on small MLPs and
+at most 200 samples.
 """
 
 import io
@@ -26,7 +27,8 @@ from sklearn.model_selection import (
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from sklearn_fntk import FiniteNTKRegressor
+from sklearn_fntk import DeviceFallbackWarning, FiniteNTKClassifier, FiniteNTKRegressor
+from sklearn_fntk._base import FiniteNTKBase
 
 GRID = {
     "finiteNTKregressor__noise": [0.1, 0.3, 1.0],
@@ -141,6 +143,113 @@ def test_pickle_and_joblib_round_trips_predict_identically(diabetes, solver):
         copy_mean, copy_std = copy.predict(X[100:], return_std=True)
         np.testing.assert_array_equal(copy_mean, mean)
         np.testing.assert_array_equal(copy_std, std)
+
+
+def tensors_in(obj, seen=None):
+    """Every torch tensor reachable from obj through containers and attributes."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (type, str, bytes, np.ndarray)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    else:
+        children = list(getattr(obj, "__dict__", {}).values())
+    return [tensor for child in children for tensor in tensors_in(child, seen)]
+
+
+@pytest.fixture
+def fitted_on_cuda(monkeypatch):
+    """Pickling sees the fitted state and the network on cuda:0; unpickling sees a
+    machine without CUDA."""
+    devices = FiniteNTKBase._devices
+
+    def on_cuda(self):
+        return {
+            group: None if device is None else torch.device("cuda:0")
+            for group, device in devices(self).items()
+        }
+
+    monkeypatch.setattr(FiniteNTKBase, "_devices", on_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_pickled_state_of_a_gpu_fit_holds_cpu_copies(diabetes, fitted_on_cuda):
+    X, y = diabetes
+    regressor = FiniteNTKRegressor(mlp(), noise=0.3).fit(X, y)
+    state = regressor.__getstate__()
+    assert state["_pickled_devices"] == {"fitted": "cuda:0", "network": "cuda:0"}
+    assert "_pickled_devices" not in vars(regressor)
+    assert all(tensor.device.type == "cpu" for tensor in tensors_in(state))
+    # copies (they went through the move), sharing what they shared; the other
+    # parameters are the estimator's own
+    assert state["_network"] is not regressor._network
+    assert state["network"] is not regressor.network
+    assert state["delta_"] is state["_posterior"].delta
+    assert state["parameters"] is regressor.parameters
+    torch.testing.assert_close(state["delta_"], regressor.delta_, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["regressor", "classifier"])
+def test_gpu_fit_loads_on_a_cpu_only_machine(diabetes, fitted_on_cuda, estimator):
+    X, y = diabetes
+    X = StandardScaler().fit_transform(X)
+    if estimator == "regressor":
+        model, target = FiniteNTKRegressor(mlp(), noise=0.3), y
+        methods = ["predict", "predict_std"]
+    else:
+        model, target = FiniteNTKClassifier(mlp()), y > 0
+        methods = ["predict_proba", "decision_function"]
+    model.fit(X[:100], target[:100])
+    expected = {method: getattr(model, method)(X[100:]) for method in methods}
+    model.set_params(device="cuda:0")  # as if fitted with it
+
+    with pytest.warns(DeviceFallbackWarning) as record:
+        restored = pickle.loads(pickle.dumps(model))
+    name = type(model).__name__
+    assert str(record[0].message) == (
+        f"This {name} was fitted on cuda:0 and given a network on cuda:0, which "
+        "this machine does not have: it was loaded on the CPU and predicts there. "
+        "Its device parameter is still 'cuda:0'; set_params(device='cpu') to fit it "
+        "again here."
+    )
+    assert restored.get_params()["device"] == "cuda:0"
+    assert restored.delta_.device.type == "cpu"
+    for method, values in expected.items():
+        np.testing.assert_array_equal(getattr(restored, method)(X[100:]), values)
+
+    restored.set_params(device="cpu").fit(X[:100], target[:100])
+    assert "_device_override" not in vars(restored)
+    for method, values in expected.items():
+        np.testing.assert_array_equal(getattr(restored, method)(X[100:]), values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fit_pickles_through_the_cpu(diabetes, monkeypatch):
+    X, y = diabetes
+    X = StandardScaler().fit_transform(X)
+    regressor = FiniteNTKRegressor(mlp(), noise=0.3, device="cuda")
+    mean, std = regressor.fit(X[:100], y[:100]).predict(X[100:], return_std=True)
+    assert all(t.device.type == "cpu" for t in tensors_in(regressor.__getstate__()))
+    data = pickle.dumps(regressor)
+
+    restored = pickle.loads(data)
+    assert restored.delta_.device.type == "cuda"
+    copy_mean, copy_std = restored.predict(X[100:], return_std=True)
+    np.testing.assert_array_equal(copy_mean, mean)
+    np.testing.assert_array_equal(copy_std, std)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(DeviceFallbackWarning, match="fitted on cuda:0"):
+        on_cpu = pickle.loads(data)
+    assert on_cpu.delta_.device.type == "cpu"
+    cpu_mean, cpu_std = on_cpu.predict(X[100:], return_std=True)
+    np.testing.assert_allclose(cpu_mean, mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(cpu_std, std, rtol=1e-9, atol=1e-12)
 
 
 def test_clone_copies_the_network_independently(diabetes):

@@ -13,10 +13,10 @@ from networks import (
     mlp,
     regression_data,
 )
-from reference import reference_jacobian, reference_posterior
+from reference import RelativeErrors, reference_jacobian, reference_posterior
 from sklearn.metrics import r2_score
 
-from sklearn_fntk import FiniteNTKRegressor
+from sklearn_fntk import FiniteNTKRegressor, _posterior
 
 NOISE, PRIOR = 0.1, 0.5
 # Chunks of 16 samples: neither n=30 nor m=20 is a multiple.
@@ -24,23 +24,14 @@ BATCH_SIZE = 16
 MEAN_RTOL, STD_RTOL, LML_RTOL = 1e-6, 1e-5, 1e-6
 
 # Largest relative errors seen (printed at the end of the module with ``-s``).
-MAX_ERRORS = {"mean": 0.0, "std": 0.0, "lml": 0.0}
+ERRORS = RelativeErrors("test_regressor", ["mean", "std", "lml"])
+_record = ERRORS.record
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_errors():
     yield
-    print(
-        "\n[test_regressor] largest relative errors vs reference: "
-        + ", ".join(f"{key} {value:.2e}" for key, value in MAX_ERRORS.items())
-    )
-
-
-def _record(key, actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    scale = np.maximum(np.abs(expected), 1e-3 * np.abs(expected).max())
-    error = float(np.max(np.abs(actual - expected) / scale))
-    MAX_ERRORS[key] = max(MAX_ERRORS[key], error)
+    print(ERRORS.report())
 
 
 def assert_close(actual, expected, rtol):
@@ -389,16 +380,46 @@ def _check_low_rank_variance(space, rank, random_state):
     assert_close(est.predict(X_test), ref.mean[:, 0], MEAN_RTOL)
 
 
+@pytest.fixture
+def sketched(monkeypatch):
+    """Force the Nyström-sketch path of the low-rank variance (no exact eigh)."""
+    monkeypatch.setattr(_posterior, "EIGEN_SIZE", 0)
+
+
 # The Nyström sketch is random (seeded by random_state); the parameter-space seeds
 # below are ones where an earlier Rayleigh-Ritz step underestimated the variance.
 @pytest.mark.parametrize("rank, random_state", [(None, 0), (None, 2), (10, 0)])
-def test_low_rank_variance_is_a_bounded_overestimate_function_space(rank, random_state):
+def test_sketched_low_rank_variance_is_a_bounded_overestimate_function_space(
+    sketched, rank, random_state
+):
     _check_low_rank_variance("function", rank, random_state)
 
 
 @pytest.mark.parametrize("rank, random_state", [(None, 3), (10, 0)])
-def test_low_rank_variance_is_a_bounded_overestimate_parameter_space(rank, random_state):
+def test_sketched_low_rank_variance_is_a_bounded_overestimate_parameter_space(
+    sketched, rank, random_state
+):
     _check_low_rank_variance("parameter", rank, random_state)
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+@pytest.mark.parametrize("rank", [3, 10])
+def test_low_rank_variance_from_exact_eigenpairs_is_a_bounded_overestimate(space, rank):
+    _check_low_rank_variance(space, rank, 0)
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_low_rank_variance_at_full_rank_is_exact(space, solver):
+    """With every direction kept (tail weight 0) the low-rank std is the exact one."""
+    name = "single"
+    _, X, y, X_test, _ = case(name)
+    ref = reference(name)
+    # rank above J's rank (at most n = 30 here) keeps every direction.
+    est = make(name, space=space, solver=solver, variance="low_rank", rank=1000)
+    est.fit(X, y)
+    assert est.variance_tail_weight_ == 0.0 and est.rank_ <= X.shape[0]
+    assert_close(est.predict_std(X_test), ref.std[:, 0], STD_RTOL)
 
 
 @pytest.mark.parametrize(
@@ -495,15 +516,14 @@ def test_user_module_is_unchanged_and_frozen_parameters_are_not_linearized(solve
     assert_close(std, ref.std[:, 0], STD_RTOL)
 
 
-def test_auto_variance_is_exact_and_a_short_low_rank_sketch_warns():
-    """A rank-2 sketch cannot reach the noise level: low_rank warns; auto is exact."""
+def test_auto_variance_follows_the_solver_and_a_short_low_rank_sketch_warns():
+    """auto: exact with the dense solver, low-rank with CG; rank 2 warns."""
     name = "single"
     _, X, y, X_test, _ = case(name)
     ref = reference(name)
-    auto = make_solver(name, "function", "cg", rank=2, variance="auto").fit(X, y)
-    assert auto.variance_ == "exact" and auto.variance_tail_weight_ is None
-    assert_close(auto.predict_std(X_test[:10]), ref.std[:10, 0], STD_RTOL)
+    dense = make_solver(name, "function", "dense", variance="auto").fit(X, y)
+    assert dense.variance_ == "exact" and dense.variance_tail_weight_ is None
+    assert_close(dense.predict_std(X_test[:10]), ref.std[:10, 0], STD_RTOL)
     with pytest.warns(UserWarning, match="Increase rank, or use variance='exact'"):
-        forced = make_solver(name, "function", "cg", rank=2, variance="low_rank")
-        forced.fit(X, y)
-    assert forced.variance_ == "low_rank"
+        short = make_solver(name, "function", "cg", rank=2, variance="auto").fit(X, y)
+    assert short.variance_ == "low_rank" and short.rank_ == 2
