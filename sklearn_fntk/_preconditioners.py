@@ -164,17 +164,22 @@ class NystromPreconditioner:
         dtype,
         device,
         ratio=10.0,
-        initial_rank=16,
+        initial_rank=32,
+        growth=4,
         max_rank=512,
         generator=None,
     ):
         """A Nyström preconditioner whose rank grows until λ̂_r ≤ ``ratio`` · μ.
 
-        The rank doubles from ``initial_rank`` (Frangella, Tropp & Udell 2021,
-        Algorithm 5.1 with the stopping rule on the last eigenvalue), reusing the
-        earlier products: the total cost is r products with P for the final rank r.
-        λ̂_r ≤ ratio·μ bounds the preconditioned spectrum of the unsketched directions
-        by about (λ_(r+1) + μ)/(λ̂_r + μ) ≤ ratio + 1 when the sketch is accurate.
+        The rank grows geometrically from ``initial_rank`` (Frangella, Tropp & Udell
+        2021, Algorithm 5.1 with the stopping rule on the last eigenvalue), reusing
+        the earlier products: the total cost is r products with P for the final rank
+        r, in a few blocks. The factor 4 (not their 2) keeps the number of blocks
+        small: a block of columns is one pass over the data (explicit Jacobian
+        blocks), whose fixed cost dominates its per-column cost (measured: rank 16
+        1.1 s, rank 512 4.5 s at n = 20,000, p = 4929). λ̂_r ≤ ratio·μ bounds the
+        preconditioned spectrum of the unsketched directions by about
+        (λ_(r+1) + μ)/(λ̂_r + μ) ≤ ratio + 1 when the sketch is accurate.
 
         Parameters
         ----------
@@ -182,7 +187,9 @@ class NystromPreconditioner:
             As for the constructor.
         ratio : float, default=10.0
             Stop once the smallest sketched eigenvalue is at most ``ratio`` · μ.
-        initial_rank : int, default=16
+        initial_rank : int, default=32
+        growth : int, default=4
+            Factor by which the rank grows each round.
         max_rank : int, default=512
             Cap on the rank (and on the products with P); also capped at ``size``.
             The preconditioner stores a (size, rank) matrix.
@@ -201,7 +208,7 @@ class NystromPreconditioner:
             U, eigenvalues = sketch.eigendecomposition()
             if eigenvalues[-1] <= ratio * shift or sketch.rank >= max_rank:
                 break
-            target = min(2 * sketch.rank, max_rank)
+            target = min(growth * sketch.rank, max_rank)
         return cls.from_eigenpairs(U, eigenvalues, shift)
 
     @classmethod

@@ -95,9 +95,11 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         ``w`` exceeds 0.1. ``return_cov`` is always exact.
     rank : int or None, default=None
         Rank of the Nyström / pivoted Cholesky preconditioner and of the low-rank
-        variance. None: Nyström sketches grow adaptively (doubling from 16 up to
-        512); pivoted Cholesky takes up to 512 columns, stopping early once the
-        remaining trace is below 1e-8 of the kernel's.
+        variance. None: Nyström sketches grow adaptively (32, 128, 512 columns);
+        the low-rank variance keeps every direction of weight above 1% (exact
+        eigenpairs) or grows its sketch to 512; pivoted Cholesky takes up to 512
+        columns, stopping early once the remaining trace is below 1e-8 of the
+        kernel's.
     optimize : bool, default=False
         Fit ``noise`` and ``prior`` by maximising the exact log marginal likelihood
         (L-BFGS-B on their logarithms, started at ``noise`` and ``prior`` plus two

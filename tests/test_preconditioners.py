@@ -110,7 +110,8 @@ def test_nystrom_rank_validation():
 
 
 def test_adaptive_rank():
-    # λ_i = 0.8^i: λ_r ≤ 10μ = 1e-5 from r = 52; the rank doubles 8, 16, 32, 64.
+    # λ_i = 0.8^i: λ_r ≤ 10μ = 1e-5 from r = 52; with growth 2 the rank goes 8, 16,
+    # 32, 64; with the default growth 4: 8, 32, 128.
     P = psd_matrix(0.8 ** torch.arange(200, dtype=DTYPE))
     calls = []
 
@@ -119,11 +120,17 @@ def test_adaptive_rank():
         return P @ V
 
     preconditioner = NystromPreconditioner.adaptive(
-        matmat, 200, 1e-6, ratio=10.0, initial_rank=8, dtype=DTYPE, device="cpu",
-        generator=generator(),
+        matmat, 200, 1e-6, ratio=10.0, initial_rank=8, growth=2, dtype=DTYPE,
+        device="cpu", generator=generator(),
     )  # fmt: skip
     assert preconditioner.rank == 64 and calls == [8, 8, 16, 32]
     assert float(preconditioner.eigenvalues[-1]) <= 1e-5
+    calls.clear()
+    default_growth = NystromPreconditioner.adaptive(
+        matmat, 200, 1e-6, ratio=10.0, initial_rank=8, dtype=DTYPE, device="cpu",
+        generator=generator(),
+    )  # fmt: skip
+    assert default_growth.rank == 128 and calls == [8, 24, 96]
     capped = NystromPreconditioner.adaptive(
         lambda V: P @ V, 200, 1e-6, initial_rank=8, max_rank=20, dtype=DTYPE,
         device="cpu", generator=generator(),
