@@ -176,10 +176,13 @@ def fvp(args):
             _base.LINEARIZATION_CACHE_BYTES,
             cache_bytes,
         )
-        with SketchTimer() as sketch:
-            _, seconds = timed(lambda reg=reg: reg.fit(X, y))
+        runs = []  # the best of two fits: identical sketches varied ±40% run to run
+        for _ in range(2):
+            with SketchTimer() as sketch:
+                _, seconds = timed(lambda reg=reg: reg.fit(X, y))
+            runs.append((seconds, sketch.seconds))
         _base.LINEARIZATION_CACHE_BYTES = default_cache
-        fits[name] = (reg, seconds, sketch.seconds)
+        fits[name] = (reg, *min(runs))
     fd, fd_seconds, fd_sketch = fits["finite diff."]
     print(
         f"n={n}, MLP 10-64-64-1 (p={fd.n_params_}), parameter space, float64, "
