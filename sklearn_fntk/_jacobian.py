@@ -27,11 +27,19 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from ._memory import check_fits
 
-__all__ = ["JacobianProducts", "explicit_jacobian", "outputs_and_jvp", "scale_rows"]
+__all__ = [
+    "JacobianProducts",
+    "block_rows",
+    "explicit_jacobian",
+    "outputs_and_jvp",
+    "scale_rows",
+]
 
-# Largest explicit Jacobian block (batch_size x k x p) used to speed up products
-# with many columns.
+# Largest explicit Jacobian block (b x k x p): chunks are split into blocks of at most
+# this many bytes (for products with many columns, diagonals, test Jacobians).
 EXPLICIT_BLOCK_BYTES = 1 << 28
+# Fewest samples per explicit block for many-column products to use blocks.
+MIN_BLOCK_ROWS = 64
 # Leaf-module activation bytes times this factor estimates what a chunk's cached VJP
 # and double-VJP graphs hold (the forward activations plus the backward graph).
 _GRAPH_BYTES_PER_ACTIVATION_BYTE = 4
@@ -180,12 +188,14 @@ class JacobianProducts:
         """Whether explicit Jacobian blocks beat ``n_columns`` product columns.
 
         A block costs k backward passes per sample, a product column about one: for
-        more columns than outputs the blocks win (measured 60x at 450 columns), if a
-        block fits in ``EXPLICIT_BLOCK_BYTES``.
+        more columns than outputs the blocks win (measured 60x at 450 columns), as
+        long as blocks of ``EXPLICIT_BLOCK_BYTES`` still hold ``MIN_BLOCK_ROWS``
+        samples (below that, per-block overhead takes over).
         """
-        chunk = self.chunks[0].stop - self.chunks[0].start
-        block_bytes = chunk * self.n_outputs * self.n_params * self.w.element_size()
-        return n_columns > self.n_outputs and block_bytes <= EXPLICIT_BLOCK_BYTES
+        return n_columns > self.n_outputs and self._block_rows() >= MIN_BLOCK_ROWS
+
+    def _block_rows(self):
+        return block_rows(self.n_outputs, self.w)
 
     def jvp(self, V):
         """J V for V of shape (p,) or (p, m); returns (n, k) or (n, k, m)."""
@@ -278,9 +288,20 @@ class JacobianProducts:
         return scale_rows(J, self.row_scale, chunk)
 
     def jacobian_blocks(self):
-        """Yield ``(chunk, J_chunk)`` with J_chunk of shape (b, k, p)."""
+        """Yield ``(rows, J_rows)`` with J_rows of shape (b, k, p), a slice of X's
+        rows each: every chunk, split where a block would pass ``EXPLICIT_BLOCK_BYTES``.
+        """
+        step = self._block_rows()
         for chunk in self.chunks:
-            yield chunk, self.jacobian(chunk)
+            for start in range(chunk.start, chunk.stop, step):
+                rows = slice(start, min(start + step, chunk.stop))
+                yield rows, self.jacobian(rows)
+
+
+def block_rows(n_outputs, w):
+    """Samples per explicit Jacobian block of k outputs over the parameters ``w``:
+    at most ``EXPLICIT_BLOCK_BYTES``."""
+    return max(1, EXPLICIT_BLOCK_BYTES // (n_outputs * w.numel() * w.element_size()))
 
 
 def outputs_and_jvp(network, w, X, V, forward_mode=True):

@@ -15,7 +15,7 @@ its dense assembly; ``matmat`` adds the shift. As in curvlinops, nothing else.
 
 import torch
 
-from ._jacobian import EXPLICIT_BLOCK_BYTES, explicit_jacobian
+from ._jacobian import block_rows, explicit_jacobian
 
 __all__ = ["KernelOperator", "ParameterOperator"]
 
@@ -56,9 +56,7 @@ class _Operator:
         From explicit test Jacobian blocks of at most ``EXPLICIT_BLOCK_BYTES``: one
         batched backward pass per block instead of r forward-mode products.
         """
-        w = self.jacobian.w
-        row_bytes = self.n_outputs * self.n_params * w.element_size()
-        rows = max(1, EXPLICIT_BLOCK_BYTES // row_bytes)
+        rows = block_rows(self.n_outputs, self.jacobian.w)
         squared_norms, JV = [], []
         for start in range(0, X.shape[0], rows):
             Jt = self.test_jacobian(X[start : start + rows])
