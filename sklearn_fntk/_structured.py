@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ._jacobian import scale_rows
+from ._jacobian import EXPLICIT_BLOCK_BYTES, scale_rows
 
 __all__ = ["LayerwiseKernel", "supports_structured"]
 
@@ -323,9 +323,29 @@ class LayerwiseKernel:
     def matmat(self, U):
         """(J Jᵀ) U for U of shape (n·k, m); returns (n·k, m).
 
-        First Jᵀ U, as per-layer (m, d_out, d_z) gradients summed over chunks, then
-        J applied to them chunk by chunk.
+        Through the parameters (:meth:`_matmat_by_layers`, about 4·n·m·p flops), or,
+        for many columns on few samples, through row blocks of J Jᵀ
+        (:meth:`_matmat_by_gram_rows`, about 2·(n·k)²·(m + Σ_l widths) flops, all
+        matrix products), whichever costs fewer flops.
         """
+        n, k, m = self.n_samples, self.n_outputs, U.shape[1]
+        layers = list(zip(self._features[0].Z, self._features[0].G, strict=True))
+        widths = sum(Z.shape[1] + k * G.shape[2] for Z, G in layers)
+        params = sum(Z.shape[1] * G.shape[2] for Z, G in layers)
+        block_bytes = self.batch_size * k * self.size * U.element_size()
+        fits = block_bytes <= EXPLICIT_BLOCK_BYTES
+        if fits and (n * k) * (m + widths) < 2 * m * params:
+            return self._matmat_by_gram_rows(U)
+        return self._matmat_by_layers(U)
+
+    def _matmat_by_gram_rows(self, U):
+        """(J Jᵀ) U one chunk of rows of J Jᵀ (its cross kernel with all) at a time."""
+        rows = (self.gram([chunk], self._features) @ U for chunk in self._features)
+        return torch.cat(list(rows))
+
+    def _matmat_by_layers(self, U):
+        """(J Jᵀ) U: first Jᵀ U, as per-layer (m, d_out, d_z) gradients summed over
+        chunks, then J applied to them chunk by chunk."""
         m = U.shape[1]
         U = U.reshape(self.n_samples, self.n_outputs, m)
         gradients = None

@@ -70,10 +70,16 @@ def test_dense_matches_jacobian(case):
     torch.testing.assert_close(kernel.dense(), J @ J.T, rtol=1e-12, atol=1e-12)
 
 
-def test_matmat(case):
+@pytest.mark.parametrize("columns", [1, 3, 40])
+def test_matmat(case, columns):
+    """Both product paths (per layer, by Gram rows) and the one matmat picks."""
     *_, kernel, J = case
-    U = torch.randn(kernel.size, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(kernel.matmat(U), J @ (J.T @ U), rtol=1e-12, atol=1e-12)
+    U = torch.randn(
+        kernel.size, columns, dtype=DTYPE, generator=torch.Generator().manual_seed(1)
+    )
+    expected = J @ (J.T @ U)
+    for product in [kernel.matmat, kernel._matmat_by_layers, kernel._matmat_by_gram_rows]:
+        torch.testing.assert_close(product(U), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_diagonal(case):
