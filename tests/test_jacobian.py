@@ -15,7 +15,7 @@ from reference import reference_jacobian, reference_posterior
 from torch.func import jvp
 
 from sklearn_fntk import FiniteNTKRegressor
-from sklearn_fntk._jacobian import JacobianProducts, outputs_and_jvp
+from sklearn_fntk._jacobian import EXPLICIT_MIN_COLUMNS, JacobianProducts, outputs_and_jvp
 from sklearn_fntk._network import FunctionalNetwork
 
 CACHED, UNCACHED = 1 << 30, 0
@@ -74,13 +74,16 @@ def check_products(products, outputs, J, n_columns=4, seed=0):
 
 @pytest.mark.parametrize("cache_bytes", [UNCACHED, CACHED], ids=["uncached", "cached"])
 @pytest.mark.parametrize("batch_size", [7, 16, 64])
-def test_mlp_products_match_explicit_jacobian(batch_size, cache_bytes):
+# 4 columns go through products, 2·EXPLICIT_MIN_COLUMNS (k = 2) through explicit blocks
+@pytest.mark.parametrize("n_columns", [4, 2 * EXPLICIT_MIN_COLUMNS])
+def test_mlp_products_match_explicit_jacobian(batch_size, cache_bytes, n_columns):
     X, _, _ = regression_data(n=30, n_outputs=2, seed=10)
     products, outputs, J = setup(mlp(n_out=2, seed=10), X, None, batch_size, cache_bytes)
     assert products.cached == (cache_bytes > 0)
     assert products.forward_mode
     assert len(products.chunks) == -(-30 // batch_size)
-    check_products(products, outputs, J)
+    assert products._explicit_is_cheaper(n_columns) == (n_columns > 4)
+    check_products(products, outputs, J, n_columns=n_columns)
 
 
 @pytest.mark.parametrize("cache_bytes", [UNCACHED, CACHED], ids=["uncached", "cached"])

@@ -16,7 +16,7 @@ from networks import cnn, mlp, no_jvp_net, regression_data
 from reference import RelativeErrors, reference_jacobian, reference_posterior
 
 from sklearn_fntk import FiniteNTKClassifier, FiniteNTKRegressor
-from sklearn_fntk._jacobian import JacobianProducts
+from sklearn_fntk._jacobian import EXPLICIT_MIN_COLUMNS, JacobianProducts
 from sklearn_fntk._network import FunctionalNetwork
 from sklearn_fntk._structured import LayerwiseKernel
 
@@ -171,8 +171,9 @@ def test_scaled_products_match_explicit_jacobian():
     network = FunctionalNetwork(net, None, dtype=torch.float64, device="cpu")
     Xt = torch.as_tensor(X)
     generator = torch.Generator().manual_seed(0)
-    V = torch.randn(J.shape[1], 40, dtype=torch.float64, generator=generator)
-    U = torch.randn(len(X), k, 40, dtype=torch.float64, generator=generator)
+    n_columns = EXPLICIT_MIN_COLUMNS * k  # enough for the explicit blocks
+    V = torch.randn(J.shape[1], n_columns, dtype=torch.float64, generator=generator)
+    U = torch.randn(len(X), k, n_columns, dtype=torch.float64, generator=generator)
     for cache_bytes in (0, 1 << 30):
         products = JacobianProducts(
             network,
@@ -182,7 +183,8 @@ def test_scaled_products_match_explicit_jacobian():
             cache_bytes=cache_bytes,
             row_scale=scale,
         )
-        # one column takes the JVP / VJP path, 40 columns the explicit blocks
+        # one column takes the JVP / VJP path, all of them the explicit blocks
+        assert products._explicit_is_cheaper(n_columns)
         for columns in (slice(0, 1), slice(None)):
             JV = products.jvp(V[:, columns]).reshape(-1, V[:, columns].shape[1])
             torch.testing.assert_close(JV, J_scaled @ V[:, columns], rtol=1e-10, atol=1e-12)
