@@ -247,7 +247,8 @@ class GaussianPosterior:
             rank = int((weights > LOW_RANK_WEIGHT).sum())
         rank = max(1, min(rank, keep, self._rank_budget()))
         self.variance_tail_weight = float(weights[rank]) if rank < keep else 0.0
-        fisher, E, weights = fisher[:rank], E[:, :rank], weights[:rank]
+        # A copy of the kept columns: a view would keep (and pickle) all of E.
+        fisher, E, weights = fisher[:rank], E[:, :rank].contiguous(), weights[:rank]
         if self.space == "function":
             shape = (op.n_samples, op.n_outputs, rank)
             V = op.jacobian.vjp(E.reshape(shape)) / fisher.sqrt()
