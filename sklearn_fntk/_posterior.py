@@ -280,8 +280,8 @@ class GaussianPosterior:
         ratio = LOW_RANK_WEIGHT / (1 - LOW_RANK_WEIGHT)
         max_rank = min(max_rank, self._rank_budget())
         sketch = self._nystrom(ratio, rank, max_rank, generator)
-        U = sketch.eigenvectors[:, sketch.eigenvalues > 0]
         jacobian = self.operator.jacobian
+        U = sketch.eigenvectors[:, sketch.eigenvalues > 0].to(jacobian.w.dtype)
         if self.space == "parameter":
             U = torch.linalg.qr(jacobian.jvp(U).reshape(-1, U.shape[1])).Q
         shape = (self.operator.n_samples, self.operator.n_outputs, U.shape[1])

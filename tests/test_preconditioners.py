@@ -33,7 +33,7 @@ def psd_matrix(eigenvalues, seed=0):
 
 def nystrom(P, rank, shift, seed=0):
     return NystromPreconditioner(
-        lambda V: P @ V, P.shape[0], rank, shift, dtype=DTYPE, device="cpu",
+        lambda V: P @ V, P.shape[0], rank, shift, dtype=P.dtype, device="cpu",
         generator=generator(seed),
     )  # fmt: skip
 
@@ -100,8 +100,30 @@ def test_nystrom_float32_operator():
         lambda V: P @ V, 80, 40, 1e-6, dtype=torch.float32, device="cpu",
         generator=generator(),
     )  # fmt: skip
-    assert preconditioner.eigenvectors.dtype == torch.float32
+    # The factors are float64 whatever the operator's dtype; M R keeps R's dtype.
+    assert preconditioner.eigenvectors.dtype == torch.float64
     assert bool(torch.isfinite(preconditioner.eigenvalues).all())
+    assert preconditioner(torch.ones(80, 2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("build", [nystrom, pivoted_cholesky], ids=["nystrom", "pivchol"])
+def test_float32_operator_with_a_wide_spectrum(build):
+    # λ_1/μ = 1e7, λ_i = 1e5·exp(-i/8): in float32, factors kept (or M applied) in
+    # float32 lost M's action on the top directions to rounding of the complement
+    # term, and CG ran to 1000 iterations without reaching 1e-4; in float64 it
+    # takes 11. Plain CG does not converge either.
+    d, shift = 400, 1e-2
+    P = psd_matrix(1e5 * torch.exp(-torch.arange(d, dtype=DTYPE) / 8.0)).float()
+    b = torch.randn(d, 2, generator=generator(1))
+    preconditioner = build(P, 200, shift)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ConvergenceWarning fails the test
+        result = conjugate_gradient(
+            lambda V: P @ V + shift * V, b, preconditioner=preconditioner, tol=1e-4,
+            max_iter=50,
+        )  # fmt: skip
+    assert bool(result.converged.all())
+    assert result.solution.dtype == torch.float32
 
 
 def test_nystrom_rank_validation():
