@@ -38,7 +38,7 @@ class CGResult:
 
 
 def conjugate_gradient(
-    matmat, B, *, preconditioner=None, tol=1e-6, max_iter=None, callback=None
+    matmat, B, *, preconditioner=None, tol=1e-6, max_iter=None, callback=None, stop=None
 ):
     """Solve A X = B by preconditioned CG, column by column in one batch.
 
@@ -57,6 +57,10 @@ def conjugate_gradient(
     callback : callable or None
         Called as ``callback(iteration, residual_norms)`` after every iteration with
         the relative residuals of the columns that were still running.
+    stop : callable or None
+        A stopping rule in place of the relative residual's: ``stop(X, R, columns)``
+        gets the iterates and residuals of the columns ``columns`` (an index tensor)
+        and returns a bool tensor, True where a column is done. None: ‖r‖/‖b‖ ≤ tol.
 
     Returns
     -------
@@ -80,7 +84,13 @@ def conjugate_gradient(
     P = Z.clone()
     rz = (R * Z).sum(0)
     n_iter = torch.zeros(m, dtype=torch.long)
-    active = torch.nonzero(residual > tol).flatten()
+    if stop is None:
+
+        def stop(_X, _R, columns):
+            return residual[columns] <= tol
+
+    columns = torch.arange(m, device=B.device)
+    active = columns[~stop(X, R, columns)]
 
     for iteration in range(1, max_iter + 1):
         if active.numel() == 0:
@@ -101,13 +111,14 @@ def conjugate_gradient(
         rz_new = (R_a * Z_a).sum(0)
         P[:, active] = Z_a + (rz_new / rz[active]) * P_a
         rz[active] = rz_new
-        active = active[residual[active] > tol]
+        active = active[~stop(X[:, active], R_a, active)]
 
-    converged = residual <= tol
+    converged = stop(X, R, columns)
     if not bool(converged.all()):
         warnings.warn(
             f"Conjugate gradient stopped after max_iter={max_iter} iterations with "
-            f"{int((~converged).sum())} of {m} right-hand sides above tol={tol:g} "
+            f"{int((~converged).sum())} of {m} right-hand sides short of the stopping "
+            f"rule at tol={tol:g} "
             f"(worst relative residual {float(residual.max()):.3g}). Increase max_iter, "
             "loosen tol, increase noise, or use solver='dense'.",
             ConvergenceWarning,

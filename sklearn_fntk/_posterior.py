@@ -342,10 +342,45 @@ class GaussianPosterior:
         if self.space == "parameter":
             # σ²·J* A⁻¹ J*ᵀ
             Jt = self.operator.test_jacobian(X)
-            return self.noise * combine(Jt.T, self.solve(Jt.T))
+            solution = self._variance_solve(Jt.T, None) if diagonal else self.solve(Jt.T)
+            return self.noise * combine(Jt.T, solution)
         # s·J* J*ᵀ - (s·J J*ᵀ)ᵀ K⁻¹ (s·J J*ᵀ)
         prior, cross = self.operator.test_kernels(X, diagonal)
-        return prior - combine(cross, self.solve(cross))
+        solution = self._variance_solve(cross, prior) if diagonal else self.solve(cross)
+        return prior - combine(cross, solution)
+
+    def _variance_solve(self, B, prior):
+        """A⁻¹ B for the variances diag(prior - BᵀA⁻¹B), or diag(BᵀA⁻¹B) if prior is None.
+
+        By CG, each column stops once the variance it gives is within ``tol``
+        (relative), not once its residual is. CG's Z is the Galerkin solution in its
+        Krylov space, so bᵀz falls short of bᵀA⁻¹b by exactly eᵀAe = rᵀA⁻¹r ≤ ‖r‖²/μ
+        (e the error, r the residual, A ⪰ μI with μ the operator's shift); stopping
+        once ‖r‖²/μ ≤ tol·v̂, with v̂ the variance from z, bounds the error by
+        tol·v̂. The residual rule ignored the cancellation in prior - bᵀz (function
+        space), where the prior variance can exceed the posterior's a thousandfold:
+        n = 2000, MLP 10-64-64-1, tol=1e-4: std errors up to 13% (76% at 1e-3).
+        """
+        if self._factor is not None:
+            return self.solve(B)
+        shift, tol = self.operator.shift, self.tol
+        # A residual at rounding level cannot shrink further (float32 cancellation).
+        floor = 10 * torch.finfo(B.dtype).eps * torch.linalg.vector_norm(B, dim=0)
+
+        def variance_is_accurate(Z, R, columns):
+            explained = (B[:, columns] * Z).sum(0)
+            variance = explained if prior is None else prior[columns] - explained
+            squared = (R**2).sum(0)
+            return (squared / shift <= tol * variance) | (squared <= floor[columns] ** 2)
+
+        return conjugate_gradient(
+            self.operator.matmat,
+            B,
+            preconditioner=self._preconditioner,
+            tol=tol,
+            max_iter=self.max_iter,
+            stop=variance_is_accurate,
+        ).solution
 
     def _low_rank_diagonal(self, X):
         """s·(‖J*‖² - Σ_j w_j (J* v_j)²) per test row, shape (m·k,)."""

@@ -109,7 +109,11 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         Note that the predictive mean depends on noise and prior only through their
         ratio: cross-validating the mean cannot fix both, the evidence can.
     tol : float, default=1e-6
-        CG stops when the relative residual ‖b - Ax‖/‖b‖ of every column is below.
+        CG stops when the relative residual ‖b - Ax‖/‖b‖ of every column is below;
+        for exact predictive variances, once each variance is within ``tol`` of its
+        exact value (relative), which the residual rule did not ensure in function
+        space (there the posterior variance is the prior variance minus a term
+        nearly as large).
     max_iter : int or None, default=None
         CG iteration limit; None means 10 times the system size.
     batch_size : int, default=1024

@@ -169,3 +169,27 @@ def test_diagonal_preconditioner_helps_a_badly_scaled_system():
     expected = torch.linalg.solve(A, B)
     np.testing.assert_allclose(jacobi.solution, expected, rtol=1e-6, atol=1e-12)
     assert int(jacobi.n_iter.max()) < int(plain.n_iter.max())
+
+
+def test_custom_stopping_rule_replaces_the_residual_rule():
+    # Column 0 stops once its iterate's first entry is within 1e-3 of the solution's,
+    # column 1 at once: the rule sees each active column's iterate and residual.
+    A, _, _ = spd_matrix(30, seed=3)
+    B = torch.randn(30, 2, generator=torch.Generator().manual_seed(3), dtype=A.dtype)
+    exact = torch.linalg.solve(A, B)
+    seen = []
+
+    def stop(X, R, columns):
+        assert X.shape == R.shape == (30, columns.numel())
+        seen.append(columns.tolist())
+        close = (X[0] - exact[0, columns]).abs() <= 1e-3 * exact[0, columns].abs()
+        return close | (columns == 1)
+
+    result = conjugate_gradient(A.__matmul__, B, tol=1e-14, stop=stop)
+    # First on both, then on the one still running, last on both for `converged`.
+    assert seen[0] == seen[-1] == [0, 1]
+    assert all(columns == [0] for columns in seen[1:-1])
+    assert bool(result.converged.all()) and int(result.n_iter[1]) == 0
+    assert abs(float(result.solution[0, 0] - exact[0, 0])) <= 1e-3 * abs(float(exact[0, 0]))
+    # Far fewer iterations than the residual rule at tol=1e-14 needs.
+    assert int(result.n_iter[0]) < int(conjugate_gradient(A.__matmul__, B).n_iter[0])
