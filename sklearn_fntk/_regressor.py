@@ -77,7 +77,8 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         one forward and backward pass, O(√machine-ε) relative error (measured
         3e-8 in float64 and 8e-4 in float32 on a trained MLP). Only used by the CG
         iterations in parameter space: products with many columns at once
-        (Nyström sketches) go through explicit Jacobian blocks, exactly.
+        (Nyström sketches) go through explicit Jacobian blocks, exactly. Warns in
+        float32, where its error moved a measured fit's mean by 14%.
     variance : {"auto", "exact", "low_rank"}, default="auto"
         Predictive variances. "exact" solves against the test Jacobian (with the
         Cholesky factor of the dense solver; with CG, a block CG solve per test
@@ -283,6 +284,15 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         finite_difference = (
             self.space_ == "parameter" and self.fisher_product == "finite_difference"
         )
+        if finite_difference and self.solver_ == "cg" and self.dtype == "float32":
+            warnings.warn(
+                "fisher_product='finite_difference' in float32 is exact only to about "
+                "1e-3 (relative), and the solve amplifies that by the system's "
+                "conditioning (a trained MLP, n=4000: predicted means 14% off although "
+                "CG converged). Use fisher_product='exact' or dtype='float64'.",
+                UserWarning,
+                stacklevel=2,
+            )
         jacobian = self._training_jacobian(
             X,
             cache=self.solver_ == "cg" and structured is None and not finite_difference,

@@ -3,6 +3,7 @@
 import copy
 import functools
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -313,6 +314,24 @@ def test_finite_difference_fisher_product_agrees_with_reference(name):
     # O(√eps) per product in float64
     assert_close(as_2d(mean, m), ref.mean[:m], 1e-5)
     assert_close(as_2d(std, m), ref.std[:m], 1e-5)
+
+
+def test_finite_difference_fisher_product_warns_in_float32():
+    _, X, y, _, _ = case("single")
+    est = make_solver(
+        "single", "parameter", "cg", fisher_product="finite_difference",
+        dtype="float32", tol=1e-4,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="fisher_product='exact' or dtype='float64'"):
+        est.fit(X, y)
+    # Not with the exact product, nor where the product is not used.
+    for params in [
+        dict(fisher_product="exact"),
+        dict(fisher_product="finite_difference", solver="dense"),
+    ]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="fisher_product=")
+            est.set_params(**params).fit(X, y)
 
 
 @pytest.mark.parametrize(
