@@ -333,36 +333,40 @@ class GaussianPosterior:
             Return only the variances, shape (m·k,); otherwise the (m·k, m·k)
             covariance over test points and outputs (always exact).
         """
-
-        def combine(a, b):
-            return (a * b).sum(0) if diagonal else a.T @ b
-
         if diagonal and self._low_rank is not None:
             return self._low_rank_diagonal(X)
         if self.space == "parameter":
             # σ²·J* A⁻¹ J*ᵀ
             Jt = self.operator.test_jacobian(X)
-            solution = self._variance_solve(Jt.T, None) if diagonal else self.solve(Jt.T)
-            return self.noise * combine(Jt.T, solution)
+            return self.noise * self._inverse_form(Jt.T, None, diagonal)
         # s·J* J*ᵀ - (s·J J*ᵀ)ᵀ K⁻¹ (s·J J*ᵀ)
         prior, cross = self.operator.test_kernels(X, diagonal)
-        solution = self._variance_solve(cross, prior) if diagonal else self.solve(cross)
-        return prior - combine(cross, solution)
+        variances = prior if diagonal else prior.diagonal()
+        return prior - self._inverse_form(cross, variances, diagonal)
 
-    def _variance_solve(self, B, prior):
-        """A⁻¹ B for the variances diag(prior - BᵀA⁻¹B), or diag(BᵀA⁻¹B) if prior is None.
+    def _inverse_form(self, B, prior, diagonal):
+        """Bᵀ A⁻¹ B for the operator A (only its diagonal if ``diagonal``), for the
+        variances diag(prior - BᵀA⁻¹B), or diag(BᵀA⁻¹B) if prior is None.
 
-        By CG, each column stops once the variance it gives is within ``tol``
-        (relative), not once its residual is. CG's Z is the Galerkin solution in its
-        Krylov space, so bᵀz falls short of bᵀA⁻¹b by exactly eᵀAe = rᵀA⁻¹r ≤ ‖r‖²/μ
-        (e the error, r the residual, A ⪰ μI with μ the operator's shift); stopping
-        once ‖r‖²/μ ≤ tol·v̂, with v̂ the variance from z, bounds the error by
-        tol·v̂. The residual rule ignored the cancellation in prior - bᵀz (function
-        space), where the prior variance can exceed the posterior's a thousandfold:
-        n = 2000, MLP 10-64-64-1, tol=1e-4: std errors up to 13% (76% at 1e-3).
+        With the dense solver, from the Cholesky factor. By CG, each column stops
+        once the variance it gives is within ``tol`` (relative), not once its
+        residual is: CG's z is the Galerkin solution in its Krylov space, so bᵀz
+        falls short of bᵀA⁻¹b by exactly eᵀAe = rᵀA⁻¹r ≤ ‖r‖²/μ (e the error, r the
+        residual, A ⪰ μI with μ the operator's shift), and stopping once
+        ‖r‖²/μ ≤ tol·v̂, with v̂ the variance from z, bounds the error by tol·v̂. The
+        residual rule ignored the cancellation in prior - bᵀz (function space),
+        where the prior variance can exceed the posterior's a thousandfold: n = 2000,
+        MLP 10-64-64-1, tol=1e-4: std errors up to 13% (76% at 1e-3). Covariances
+        between columns i ≠ j take the symmetric form b_iᵀz_j + z_iᵀb_j - z_iᵀA z_j
+        (one more product with A), whose error -e_iᵀA e_j is at most
+        tol·√(v̂_i v̂_j), where b_iᵀz_j's error u_iᵀA e_j scales with the prior.
         """
+
+        def combine(a, b):
+            return (a * b).sum(0) if diagonal else a.T @ b
+
         if self._factor is not None:
-            return self.solve(B)
+            return combine(B, self.solve(B))
         shift, tol = self.operator.shift, self.tol
         # A residual at rounding level cannot shrink further (float32 cancellation).
         floor = 10 * torch.finfo(B.dtype).eps * torch.linalg.vector_norm(B, dim=0)
@@ -373,7 +377,7 @@ class GaussianPosterior:
             squared = (R**2).sum(0)
             return (squared / shift <= tol * variance) | (squared <= floor[columns] ** 2)
 
-        return conjugate_gradient(
+        Z = conjugate_gradient(
             self.operator.matmat,
             B,
             preconditioner=self._preconditioner,
@@ -381,6 +385,9 @@ class GaussianPosterior:
             max_iter=self.max_iter,
             stop=variance_is_accurate,
         ).solution
+        if diagonal:  # there the symmetric form equals bᵀz (Galerkin)
+            return combine(B, Z)
+        return combine(B, Z) + combine(Z, B) - combine(Z, self.operator.matmat(Z))
 
     def _low_rank_diagonal(self, X):
         """s·(‖J*‖² - Σ_j w_j (J* v_j)²) per test row, shape (m·k,)."""

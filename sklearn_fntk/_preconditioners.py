@@ -251,8 +251,8 @@ class NystromPreconditioner:
         self.shift = shift
         self.rank = eigenvalues.numel()
         # (Λ̂ + μI)⁻¹ on span U ; (λ̂_r + μ)⁻¹ on its complement.
-        self._inverse_eigenvalues = 1.0 / (eigenvalues + shift)
-        self._complement_scale = 1.0 / (float(eigenvalues[-1]) + shift)
+        self._inverse_eigenvalues = 1.0 / (self.eigenvalues + shift)
+        self._complement_scale = 1.0 / (float(self.eigenvalues[-1]) + shift)
 
     def __call__(self, R):
         # M R = U (Λ̂ + μI)⁻¹ Uᵀ R + (λ̂_r + μ)⁻¹ (R - U Uᵀ R), in float64
