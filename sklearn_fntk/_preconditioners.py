@@ -24,6 +24,13 @@ __all__ = [
 ]
 
 
+def factor_dtype(tensor):
+    """The dtype the low-rank factors are kept in: float64, for the reason given in
+    :class:`NystromPreconditioner`, except on devices without float64 (Apple's
+    MPS), where ``tensor``'s own."""
+    return tensor.dtype if tensor.device.type == "mps" else torch.float64
+
+
 class JacobiPreconditioner:
     """M = diag(A)⁻¹, from the operator's exact diagonal.
 
@@ -81,11 +88,11 @@ class _NystromSketch:
         B Bᵀ = (P + νI)⟨Ω⟩), B = U Σ Vᵀ, λ̂ = max(0, Σ² - ν). λ̂ is descending.
 
         Computed and returned in float64 whatever the products' dtype (see
-        :class:`NystromPreconditioner`); this costs float64 copies of Ω and Y.
+        :func:`factor_dtype`); this costs float64 copies of Ω and Y.
         """
-        Omega = self.test_matrix.to(torch.float64)
-        Y = self.image.to(torch.float64)
-        eps = torch.finfo(torch.float64).eps
+        dtype = factor_dtype(self.image)
+        Omega, Y = self.test_matrix.to(dtype), self.image.to(dtype)
+        eps = torch.finfo(dtype).eps
         # ν = √d · eps(‖Y‖₂); grown tenfold while rounding (e.g. a float32 operator
         # that is not exactly symmetric) still leaves Ωᵀ Y_ν indefinite.
         nu = self.size**0.5 * eps * float(torch.linalg.matrix_norm(Y, ord=2))
@@ -123,9 +130,10 @@ class NystromPreconditioner:
     Theorem 5.1).
 
     The factors are kept, and M applied, in float64 whatever the operator's dtype
-    (residuals are cast there and back). M's condition number is about λ_1/λ̂_r,
-    and in float32 the rounding of its complement term, (λ̂_r + μ)⁻¹(I - U Uᵀ) R,
-    swamped the small action (λ_1 + μ)⁻¹ on the top directions, and CG stalled. A
+    (residuals are cast there and back; see :func:`factor_dtype`). M's condition
+    number is about λ_1/λ̂_r, and in float32 the rounding of its complement term,
+    (λ̂_r + μ)⁻¹(I - U Uᵀ) R, swamped the small action (λ_1 + μ)⁻¹ on the top
+    directions, and CG stalled. A
     float32 operator with spectrum 1e5·exp(-i/8), μ = 1e-2, rank 200: 1000
     iterations without reaching 1e-4 before, 11 with the factors in float64. A
     trained MLP, n = 2000, p = 4929, float32, parameter space: 3000 before, 12 now.
@@ -246,8 +254,8 @@ class NystromPreconditioner:
         return preconditioner
 
     def _set_factors(self, eigenvectors, eigenvalues, shift):
-        self.eigenvectors = eigenvectors.to(torch.float64)
-        self.eigenvalues = eigenvalues.to(torch.float64)
+        dtype = factor_dtype(eigenvectors)
+        self.eigenvectors, self.eigenvalues = eigenvectors.to(dtype), eigenvalues.to(dtype)
         self.shift = shift
         self.rank = eigenvalues.numel()
         # (Λ̂ + μI)⁻¹ on span U ; (λ̂_r + μ)⁻¹ on its complement.
@@ -255,11 +263,12 @@ class NystromPreconditioner:
         self._complement_scale = 1.0 / (float(self.eigenvalues[-1]) + shift)
 
     def __call__(self, R):
-        # M R = U (Λ̂ + μI)⁻¹ Uᵀ R + (λ̂_r + μ)⁻¹ (R - U Uᵀ R), in float64
-        U, R64 = self.eigenvectors, R.to(torch.float64)
-        UtR = U.T @ R64
+        # M R = U (Λ̂ + μI)⁻¹ Uᵀ R + (λ̂_r + μ)⁻¹ (R - U Uᵀ R), in the factors' dtype
+        U = self.eigenvectors
+        R_ = R.to(U.dtype)
+        UtR = U.T @ R_
         inside = U @ (self._inverse_eigenvalues[:, None] * UtR)
-        return (inside + self._complement_scale * (R64 - U @ UtR)).to(R.dtype)
+        return (inside + self._complement_scale * (R_ - U @ UtR)).to(R.dtype)
 
 
 class PivotedCholeskyPreconditioner:
@@ -305,8 +314,8 @@ class PivotedCholeskyPreconditioner:
     def __init__(self, diagonal, column, rank, shift, *, tol=1e-8):
         size = diagonal.shape[0]
         rank = min(rank, size)
-        # float64 throughout, whatever P's dtype: see NystromPreconditioner.
-        remaining = diagonal.to(torch.float64, copy=True)
+        # float64 throughout, whatever P's dtype: see factor_dtype.
+        remaining = diagonal.to(factor_dtype(diagonal), copy=True)
         stop_trace = tol * float(remaining.sum())
         rows = remaining.new_empty(rank, size)  # Lᵀ, filled row by row
         pivots = []
@@ -316,7 +325,7 @@ class PivotedCholeskyPreconditioner:
             if pivot_value <= 0.0:
                 break
             # l = (P[:, i] - L L[i]ᵀ) / √d_i
-            row = column(pivot).to(torch.float64) - rows[:j].T @ rows[:j, pivot]
+            row = column(pivot).to(rows.dtype) - rows[:j].T @ rows[:j, pivot]
             row /= pivot_value**0.5
             rows[j] = row
             pivots.append(pivot)
@@ -337,7 +346,8 @@ class PivotedCholeskyPreconditioner:
         self._core_factor = torch.linalg.cholesky(core)
 
     def __call__(self, R):
-        # (R - L (μI + LᵀL)⁻¹ Lᵀ R) / μ, in float64
-        L, R64 = self.factor, R.to(torch.float64)
-        inner = torch.cholesky_solve(L.T @ R64, self._core_factor)
-        return ((R64 - L @ inner) / self.shift).to(R.dtype)
+        # (R - L (μI + LᵀL)⁻¹ Lᵀ R) / μ, in the factor's dtype
+        L = self.factor
+        R_ = R.to(L.dtype)
+        inner = torch.cholesky_solve(L.T @ R_, self._core_factor)
+        return ((R_ - L @ inner) / self.shift).to(R.dtype)

@@ -1,6 +1,7 @@
 """Preconditioners against dense float64 references, and their effect on CG."""
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from sklearn_fntk._preconditioners import (
     JacobiPreconditioner,
     NystromPreconditioner,
     PivotedCholeskyPreconditioner,
+    factor_dtype,
 )
 from sklearn_fntk._structured import LayerwiseKernel
 
@@ -307,3 +309,11 @@ def test_cg_trained_ntk_parameter_space(trained_ntk):
         },
     )
     assert counts["nystrom"] * 3 <= counts["none"]
+
+
+def test_factor_dtype():
+    # float64 wherever the device has it; a device without float64 (Apple's MPS,
+    # imitated here) keeps the operator's dtype instead of failing.
+    assert factor_dtype(torch.ones(2, dtype=torch.float32)) == torch.float64
+    mps = SimpleNamespace(dtype=torch.float32, device=torch.device("mps"))
+    assert factor_dtype(mps) == torch.float32
