@@ -84,13 +84,16 @@ def conjugate_gradient(
     P = Z.clone()
     rz = (R * Z).sum(0)
     n_iter = torch.zeros(m, dtype=torch.long)
-    if stop is None:
 
-        def stop(_X, _R, columns):
+    def done(columns):
+        """Which of ``columns`` meet the stopping rule (gathering X and R only for a
+        custom rule: the default needs neither)."""
+        if stop is None:
             return residual[columns] <= tol
+        return stop(X[:, columns], R[:, columns], columns)
 
     columns = torch.arange(m, device=B.device)
-    active = columns[~stop(X, R, columns)]
+    active = columns[~done(columns)]
 
     for iteration in range(1, max_iter + 1):
         if active.numel() == 0:
@@ -111,9 +114,9 @@ def conjugate_gradient(
         rz_new = (R_a * Z_a).sum(0)
         P[:, active] = Z_a + (rz_new / rz[active]) * P_a
         rz[active] = rz_new
-        active = active[~stop(X[:, active], R_a, active)]
+        active = active[~done(active)]
 
-    converged = stop(X, R, columns)
+    converged = done(columns)
     if not bool(converged.all()):
         warnings.warn(
             f"Conjugate gradient stopped after max_iter={max_iter} iterations with "

@@ -304,7 +304,7 @@ class GaussianPosterior:
         result = self._cg(rhs)
         return result.solution, int(result.n_iter.max()), float(result.residual_norms.max())
 
-    def _cg(self, B):
+    def _cg(self, B, stop=None):
         return conjugate_gradient(
             self.operator.matmat,
             B,
@@ -312,6 +312,7 @@ class GaussianPosterior:
             tol=self.tol,
             max_iter=self.max_iter,
             callback=self.callback,
+            stop=stop,
         )
 
     def solve(self, B):
@@ -377,14 +378,7 @@ class GaussianPosterior:
             squared = (R**2).sum(0)
             return (squared / shift <= tol * variance) | (squared <= floor[columns] ** 2)
 
-        Z = conjugate_gradient(
-            self.operator.matmat,
-            B,
-            preconditioner=self._preconditioner,
-            tol=tol,
-            max_iter=self.max_iter,
-            stop=variance_is_accurate,
-        ).solution
+        Z = self._cg(B, stop=variance_is_accurate).solution
         if diagonal:  # there the symmetric form equals bᵀz (Galerkin)
             return combine(B, Z)
         return combine(B, Z) + combine(Z, B) - combine(Z, self.operator.matmat(Z))

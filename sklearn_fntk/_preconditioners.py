@@ -133,10 +133,10 @@ class NystromPreconditioner:
     (residuals are cast there and back; see :func:`factor_dtype`). M's condition
     number is about λ_1/λ̂_r, and in float32 the rounding of its complement term,
     (λ̂_r + μ)⁻¹(I - U Uᵀ) R, swamped the small action (λ_1 + μ)⁻¹ on the top
-    directions, and CG stalled. A
-    float32 operator with spectrum 1e5·exp(-i/8), μ = 1e-2, rank 200: 1000
-    iterations without reaching 1e-4 before, 11 with the factors in float64. A
-    trained MLP, n = 2000, p = 4929, float32, parameter space: 3000 before, 12 now.
+    directions, and CG stalled. A float32 operator with spectrum 1e5·exp(-i/8),
+    μ = 1e-2, rank 200: 1000 iterations without reaching 1e-4 before, 11 with the
+    factors in float64. A trained MLP, n = 2000, p = 4929, float32, parameter space:
+    3000 before, 12 now.
 
     Parameters
     ----------
