@@ -144,7 +144,7 @@ class JacobianProducts:
 
     def __init__(self, network, w, X, *, batch_size, cache_bytes=0, row_scale=None):
         self.network, self.w, self.X = network, w, X
-        self.row_scale = row_scale
+        self.batch_size, self.row_scale = batch_size, row_scale
         self.n_samples = X.shape[0]
         self.n_params = w.numel()
         self.chunks = [
@@ -293,6 +293,35 @@ class JacobianProducts:
                 misfit = 0.5 * (scale_rows(change, self.row_scale, rows) ** 2).sum()
                 total += torch.autograd.grad(misfit, w)[0]
         return total / step
+
+    def subsample(self, n_samples, generator=None):
+        """Products over ``n_samples`` of the samples, drawn uniformly at random
+        without replacement, with their rows scaled by √(n / n_samples).
+
+        The Fisher of the result, (n/m)·Σ_(i∈S) J_iᵀJ_i, is an unbiased estimate of
+        this one's, JᵀJ = Σ_i J_iᵀJ_i, at m/n of the cost per product.
+
+        Parameters
+        ----------
+        n_samples : int
+            m, at most n.
+        generator : torch.Generator or None
+            Source of the draw (on the device of ``w``).
+
+        Returns
+        -------
+        JacobianProducts
+            Not cached.
+        """
+        device = self.w.device
+        order = torch.randperm(self.n_samples, generator=generator, device=device)
+        rows = order[:n_samples].sort().values  # sorted: a contiguous-ish gather
+        scale = self.w.new_full((n_samples,), (self.n_samples / n_samples) ** 0.5)
+        if self.row_scale is not None:
+            scale = scale * self.row_scale[rows]
+        return JacobianProducts(
+            self.network, self.w, self.X[rows], batch_size=self.batch_size, row_scale=scale
+        )
 
     def jacobian(self, chunk):
         """Explicit (scaled) Jacobian of the rows ``chunk`` of X, shape (b, k, p)."""

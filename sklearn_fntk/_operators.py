@@ -172,6 +172,19 @@ class ParameterOperator(_Operator):
     def size(self):
         return self.n_params
 
+    def subsampled(self, n_samples, generator=None):
+        """The operator of the Fisher over ``n_samples`` random training samples,
+        scaled to be an unbiased estimate of this one's (see
+        :meth:`JacobianProducts.subsample`); ``self`` when that is all of them."""
+        if n_samples >= self.n_samples:
+            return self
+        return ParameterOperator(
+            self.jacobian.subsample(n_samples, generator),
+            prior=self.prior,
+            noise=self.noise,
+            fisher_product=self.fisher_product,
+        )
+
     def psd_matmat(self, V):
         """Jᵀ J V for V of shape (p, m): Fisher-vector products (see
         :meth:`JacobianProducts.fisher_product`; blocks of many columns, such as

@@ -49,6 +49,11 @@ EIGEN_SIZE = 4096
 LOW_RANK_BYTES = 1 << 29
 # Nyström preconditioner: grow until λ_r ≤ this multiple of the shift.
 NYSTROM_RATIO = 10.0
+# Parameter-space Nyström sketches see the Fisher of this many training samples
+# (times the output count) per unit of rank at most. n = 20,000, p = 4929, rank 512:
+# fits of 5.2 / 4.4 / 3.7 / 3.5 / 3.9 s sketching all / 1/2 / 1/4 / 1/8 / 1/16 of
+# the samples, with 48 / 63 / 68 / 72 / 88 CG iterations.
+SKETCH_SAMPLES_PER_RANK = 8
 
 
 def cholesky(matrix, what):
@@ -193,9 +198,21 @@ class GaussianPosterior:
         return cholesky(self.operator.dense(gram), f"{self.space}-space system")
 
     def _nystrom(self, ratio, rank, max_rank, generator):
-        """Nyström sketch of the PSD part P of the operator (r products with P)."""
+        """Nyström sketch of the PSD part P of the operator (r products with P).
+
+        In parameter space P = JᵀJ = Σ_i J_iᵀJ_i sums over the training samples,
+        and the sketch is taken of the unbiased estimate (n/m)·Σ_(i∈S) J_iᵀJ_i over
+        m = ``SKETCH_SAMPLES_PER_RANK``·r/k random samples S (all n when fewer), r
+        the largest rank the sketch may reach: its products cost m/n of full ones.
+        The preconditioner only needs P's dominant subspace roughly; CG still
+        solves the exact system.
+        """
         op, w = self.operator, self.operator.jacobian.w
         options = dict(dtype=w.dtype, device=w.device, generator=generator)
+        if self.space == "parameter":
+            final_rank = max_rank if rank is None else rank
+            samples = -(-SKETCH_SAMPLES_PER_RANK * final_rank // op.n_outputs)
+            op = op.subsampled(samples, generator)
         if rank is not None:
             rank = min(rank, op.size)
             return NystromPreconditioner(op.psd_matmat, op.size, rank, op.shift, **options)

@@ -135,6 +135,32 @@ def test_finite_difference_fisher_product():
     assert_close(products.fisher_product_fd(V), J.T @ (J @ V), rtol=1e-5)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("n_samples", [9, 23])
+def test_subsample_is_a_rescaled_random_subset_of_the_rows(weighted, n_samples):
+    """(n/m)·Σ_(i∈S) J_iᵀJ_i over m distinct random samples S (times their weights);
+    all n samples give the Fisher itself."""
+    X, _, _ = regression_data(n=23, n_outputs=2, seed=16)
+    products, _, J = setup(mlp(n_out=2, seed=16), X, None, 5)
+    n, k = 23, 2
+    weights = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+    if weighted:
+        products.row_scale = weights.sqrt()
+        J = J * weights.sqrt().repeat_interleave(k)[:, None]
+    sub = products.subsample(n_samples, torch.Generator().manual_seed(0))
+    assert sub.n_samples == n_samples and sub.batch_size == products.batch_size
+    # Which rows were drawn: X's rows are distinct, so match them.
+    drawn = [int(np.flatnonzero((X == row).all(1))[0]) for row in sub.X.numpy()]
+    assert len(set(drawn)) == n_samples
+    rows = torch.tensor([i * k + a for i in drawn for a in range(k)])
+    expected = (n / n_samples) * J[rows].T @ J[rows]
+    V = torch.randn(J.shape[1], 2 * EXPLICIT_MIN_COLUMNS, dtype=torch.float64)
+    assert_close(sub.fisher_product(V), expected @ V)  # explicit blocks
+    assert_close(sub.fisher_product(V[:, :2]), expected @ V[:, :2])  # JVP + VJP
+    if n_samples == n:
+        assert_close(expected, J.T @ J)
+
+
 # -- networks without forward-mode rules: the double-VJP fallback ---------------------
 
 

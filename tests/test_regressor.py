@@ -452,6 +452,48 @@ def test_sketched_low_rank_variance_is_a_bounded_overestimate_parameter_space(
     _check_low_rank_variance("parameter", rank, random_state)
 
 
+@pytest.mark.parametrize("name", ["single", "multi3"])
+@pytest.mark.parametrize("variance", ["exact", "low_rank"])
+def test_parameter_space_sketch_of_a_subsample(sketched, monkeypatch, name, variance):
+    """The parameter-space Nyström sketch sees the Fisher of SKETCH_SAMPLES_PER_RANK
+    · rank / k random samples; CG still solves the full system, and the low-rank
+    variance (its Rayleigh-Ritz step uses all the data) still never falls below the
+    exact one."""
+    from sklearn_fntk._jacobian import JacobianProducts
+
+    drawn, sketched_columns = [], []
+    subsample = JacobianProducts.subsample
+
+    def recording(self, n_samples, generator=None):
+        drawn.append(n_samples)
+        products = subsample(self, n_samples, generator)
+        fisher_product = products.fisher_product
+
+        def counted(V, **kwargs):
+            sketched_columns.append(V.shape[1])
+            return fisher_product(V, **kwargs)
+
+        products.fisher_product = counted
+        return products
+
+    monkeypatch.setattr(JacobianProducts, "subsample", recording)
+    monkeypatch.setattr(_posterior, "SKETCH_SAMPLES_PER_RANK", 2)
+    net, X, y, X_test, parameters = case(name)
+    ref = reference(name)
+    est = make(
+        name, space="parameter", solver="cg", preconditioner="nystrom",
+        variance=variance, rank=8, random_state=0, tol=1e-10,
+    ).fit(X, y)  # fmt: skip
+    k = ref.mean.shape[1]
+    assert drawn == [-(-2 * 8 // k)] and sum(sketched_columns) == est.rank_ == 8
+    assert_close(as_2d(est.predict(X_test), len(X_test)), ref.mean, MEAN_RTOL)
+    if variance == "low_rank":
+        m = len(X_test)
+        variance = as_2d(est.predict_std(X_test), m) ** 2
+        rounding = 1e-9 * np.max(ref.std**2)
+        assert np.all(variance >= ref.std**2 - rounding)
+
+
 @pytest.mark.parametrize("space", ["function", "parameter"])
 @pytest.mark.parametrize("rank", [3, 10])
 def test_low_rank_variance_from_exact_eigenpairs_is_a_bounded_overestimate(space, rank):
