@@ -225,9 +225,14 @@ class GaussianPosterior:
         if kind == "jacobi":
             return JacobiPreconditioner(op.diagonal())
         if kind == "pivoted_cholesky":
-            rank = max_rank if rank is None else rank
+            # Adaptive: stop where the build reaches about a quarter of the fit.
+            cg_tol = self.tol if rank is None else None
             built = PivotedCholeskyPreconditioner(
-                op.psd_diagonal(), op.column, rank, op.shift
+                op.psd_diagonal(),
+                op.column,
+                max_rank if rank is None else rank,
+                op.shift,
+                cg_tol=cg_tol,
             )
         elif self._low_rank is not None:
             # The variance's eigenpairs are a finer Nyström approximation: reuse them.

@@ -63,8 +63,10 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
     preconditioner : {"auto", "jacobi", "nystrom", "pivoted_cholesky"} or None, \
             default="auto"
         CG preconditioner (used by ``solver="cg"`` only). "nystrom": randomized
-        Nyström approximation from ``rank`` operator products (Fisher-vector
-        products in parameter space); "pivoted_cholesky": partial pivoted Cholesky
+        Nyström approximation from ``rank`` operator products (in parameter space,
+        Fisher-vector products over a random subset of 8·rank/k training samples,
+        rescaled: an unbiased estimate of the Fisher at a fraction of the cost);
+        "pivoted_cholesky": partial pivoted Cholesky
         of the kernel (function space only); "jacobi": the exact diagonal. "auto"
         picks Nyström built from the low-rank variance's eigenpairs when the
         variance is low-rank (no further products), else pivoted Cholesky where
@@ -100,7 +102,8 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         the low-rank variance keeps every direction of weight above 1% (exact
         eigenpairs) or grows its sketch to 512; pivoted Cholesky takes up to 512
         columns, stopping early once the remaining trace is below 1e-8 of the
-        kernel's.
+        kernel's or once building it has cost about a third of the CG work
+        predicted to remain (so about a quarter of the fit; see the user guide).
     optimize : bool, default=False
         Fit ``noise`` and ``prior`` by maximising the exact log marginal likelihood
         (L-BFGS-B on their logarithms, started at ``noise`` and ``prior`` plus two

@@ -1,5 +1,6 @@
 """Preconditioners against dense float64 references, and their effect on CG."""
 
+import math
 import warnings
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ from torch.func import jacrev
 from sklearn_fntk._cg import conjugate_gradient
 from sklearn_fntk._network import FunctionalNetwork
 from sklearn_fntk._preconditioners import (
+    PIVOT_COST,
     JacobiPreconditioner,
     NystromPreconditioner,
     PivotedCholeskyPreconditioner,
@@ -188,6 +190,26 @@ def test_pivoted_cholesky_stops_on_tolerance():
     assert preconditioner.rank == 5
     L = preconditioner.factor
     torch.testing.assert_close(L @ L.T, P, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cg_tol", [1e-3, 1e-8])
+def test_pivoted_cholesky_stops_once_its_cost_balances_the_predicted_cg_work(cg_tol):
+    """With cg_tol, j columns are enough once j·PIVOT_COST ≥ ⅓·ln(2/cg_tol)·√(1 +
+    d_max/μ), d_max the largest remaining diagonal: the first such j is the rank."""
+    P, shift = psd_matrix(torch.logspace(2, -6, 200, dtype=DTYPE)), 1e-5
+    capped = pivoted_cholesky(P, 200, shift)
+    adaptive = pivoted_cholesky(P, 200, shift, cg_tol=cg_tol)
+    r = adaptive.rank
+    assert 0 < r < capped.rank
+    # The same greedy factor, stopped early.
+    torch.testing.assert_close(adaptive.factor, capped.factor[:, :r])
+
+    def enough(j):
+        largest = float((P.diagonal() - (capped.factor[:, :j] ** 2).sum(1)).max())
+        predicted = math.log(2 / cg_tol) * math.sqrt(1 + largest / shift)
+        return j * PIVOT_COST >= predicted / 3
+
+    assert enough(r) and not enough(r - 1)
 
 
 # -- CG iteration counts ---------------------------------------------------------------
