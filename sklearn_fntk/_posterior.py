@@ -49,11 +49,13 @@ EIGEN_SIZE = 4096
 LOW_RANK_BYTES = 1 << 29
 # Nyström preconditioner: grow until λ_r ≤ this multiple of the shift.
 NYSTROM_RATIO = 10.0
-# Parameter-space Nyström sketches see the Fisher of this many training samples
-# (times the output count) per unit of rank at most. n = 20,000, p = 4929, rank 512:
-# fits of 5.2 / 4.4 / 3.7 / 3.5 / 3.9 s sketching all / 1/2 / 1/4 / 1/8 / 1/16 of
-# the samples, with 48 / 63 / 68 / 72 / 88 CG iterations.
-SKETCH_SAMPLES_PER_RANK = 8
+# Parameter-space Nyström sketches see the Fisher of this many training samples per
+# unit of rank (over the output count) at most. Rank 512, fits with the exact
+# product: n = 20,000, p = 4929, f64: 4.5 s / 48 CG iterations sketching all samples,
+# 3.8-4.3 s / 66 with 8 per rank, 3.6-3.9 s / 77 with 4; n = 100,000, p = 20,865,
+# f32: 109 s / 301, 104 s / 417, 112 s / 499. Four per rank keeps the sketch within a
+# quarter of the fit (0.17 and 0.02 there; 0.62 and about 0.28 sketching all samples).
+SKETCH_SAMPLES_PER_RANK = 4
 
 
 def cholesky(matrix, what):

@@ -64,7 +64,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
             default="auto"
         CG preconditioner (used by ``solver="cg"`` only). "nystrom": randomized
         Nyström approximation from ``rank`` operator products (in parameter space,
-        Fisher-vector products over a random subset of 8·rank/k training samples,
+        Fisher-vector products over a random subset of 4·rank/k training samples,
         rescaled: an unbiased estimate of the Fisher at a fraction of the cost);
         "pivoted_cholesky": partial pivoted Cholesky
         of the kernel (function space only); "jacobi": the exact diagonal. "auto"
