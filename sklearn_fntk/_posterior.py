@@ -402,6 +402,10 @@ class GaussianPosterior:
             squared = (R**2).sum(0)
             return (squared / shift <= tol * variance) | (squared <= floor[columns] ** 2)
 
+        if isinstance(self._preconditioner, PivotedCholeskyPreconditioner):
+            # Built for the fit's one right-hand side; a column per test point
+            # repays its full rank (the factor cg_tol=None would have built).
+            self._preconditioner.complete()
         Z = self._cg(B, stop=variance_is_accurate).solution
         if diagonal:  # there the symmetric form equals bᵀz (Galerkin)
             return combine(B, Z)

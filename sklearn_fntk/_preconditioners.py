@@ -320,7 +320,8 @@ class PivotedCholeskyPreconditioner:
         cg_tol 1e-6 and 1e-3, ranks 64-512) the iterations measured were 0.6-1.3
         times ln(2/cg_tol)·√(1 + d_max/μ). ``PIVOT_COST`` is a column of the
         factorisation in units of one CG iteration (measured 0.13-0.19 there).
-        None: only ``rank`` and ``tol`` stop it.
+        :meth:`complete` resumes it up to ``rank`` for solves with many right-hand
+        sides. None: only ``rank`` and ``tol`` stop it.
 
     Attributes
     ----------
@@ -338,19 +339,34 @@ class PivotedCholeskyPreconditioner:
 
     def __init__(self, diagonal, column, rank, shift, *, tol=1e-8, cg_tol=None):
         size = diagonal.shape[0]
-        rank = min(rank, size)
+        self.shift, self._column = shift, column
         # float64 throughout, whatever P's dtype: see factor_dtype.
-        remaining = diagonal.to(factor_dtype(diagonal), copy=True)
-        stop_trace = tol * float(remaining.sum())
-        rows = remaining.new_empty(rank, size)  # Lᵀ, filled row by row
-        pivots = []
-        for j in range(rank):
+        self._remaining = diagonal.to(factor_dtype(diagonal), copy=True)
+        self._stop_trace = tol * float(self._remaining.sum())
+        self._rows = self._remaining.new_empty(min(rank, size), size)  # Lᵀ, by rows
+        self._pivots = []
+        self._factorize(cg_tol)
+
+    def complete(self):
+        """Resume the factorisation up to ``rank`` columns (or ``tol``), ignoring
+        ``cg_tol``: for solves with many right-hand sides, such as one per test
+        point. The greedy pivots continue where they stopped, so the factor is the
+        one that ``cg_tol=None`` would have built."""
+        self._factorize(None)
+
+    def _factorize(self, cg_tol):
+        """Add greedy columns until a stopping rule holds; then set the factor."""
+        rows, remaining, pivots = self._rows, self._remaining, self._pivots
+        for j in range(len(pivots), rows.shape[0]):
             pivot = int(torch.argmax(remaining))
             pivot_value = float(remaining[pivot])
-            if pivot_value <= 0.0 or self._built_enough(j, pivot_value, shift, cg_tol):
+            exhausted = float(remaining.sum()) <= self._stop_trace
+            if pivot_value <= 0.0 or exhausted:
+                break
+            if self._built_enough(j, pivot_value, self.shift, cg_tol):
                 break
             # l = (P[:, i] - L L[i]ᵀ) / √d_i
-            row = column(pivot).to(rows.dtype) - rows[:j].T @ rows[:j, pivot]
+            row = self._column(pivot).to(rows.dtype) - rows[:j].T @ rows[:j, pivot]
             row /= pivot_value**0.5
             rows[j] = row
             pivots.append(pivot)
@@ -358,16 +374,13 @@ class PivotedCholeskyPreconditioner:
             remaining -= row**2
             remaining[pivot] = 0.0
             remaining.clamp_(min=0.0)
-            if float(remaining.sum()) <= stop_trace:
-                break
         self.factor = rows[: len(pivots)].T
-        self.pivots = torch.tensor(pivots, dtype=torch.long, device=diagonal.device)
+        self.pivots = torch.tensor(pivots, dtype=torch.long, device=remaining.device)
         self.rank = len(pivots)
         self.remaining_trace = float(remaining.sum())
-        self.shift = shift
-        # Woodbury core μI + Lᵀ L (r x r), factored once.
+        # Woodbury core μI + Lᵀ L (r x r), factored once per factor.
         core = self.factor.T @ self.factor
-        core.diagonal().add_(shift)
+        core.diagonal().add_(self.shift)
         self._core_factor = torch.linalg.cholesky(core)
 
     @staticmethod

@@ -161,7 +161,9 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
     preconditioner_, variance_ : str or None
         The resolved preconditioner and variance method.
     rank_ : int
-        Rank of the preconditioner / low-rank variance built (0 if none).
+        Rank of the preconditioner / low-rank variance built by ``fit`` (0 if
+        none). An adaptive pivoted Cholesky preconditioner resumes its
+        factorisation, up to 512 columns, before exact CG variances.
     variance_tail_weight_ : float or None
         For the low-rank variance, see ``variance``.
     forward_mode_ : bool

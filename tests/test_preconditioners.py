@@ -195,7 +195,8 @@ def test_pivoted_cholesky_stops_on_tolerance():
 @pytest.mark.parametrize("cg_tol", [1e-3, 1e-8])
 def test_pivoted_cholesky_stops_once_its_cost_balances_the_predicted_cg_work(cg_tol):
     """With cg_tol, j columns are enough once j·PIVOT_COST ≥ ⅓·ln(2/cg_tol)·√(1 +
-    d_max/μ), d_max the largest remaining diagonal: the first such j is the rank."""
+    d_max/μ), d_max the largest remaining diagonal: the first such j is the rank;
+    complete() then resumes to the cap."""
     P, shift = psd_matrix(torch.logspace(2, -6, 200, dtype=DTYPE)), 1e-5
     capped = pivoted_cholesky(P, 200, shift)
     adaptive = pivoted_cholesky(P, 200, shift, cg_tol=cg_tol)
@@ -210,6 +211,11 @@ def test_pivoted_cholesky_stops_once_its_cost_balances_the_predicted_cg_work(cg_
         return j * PIVOT_COST >= predicted / 3
 
     assert enough(r) and not enough(r - 1)
+    # complete() resumes it: the factor cg_tol=None builds, and its inverse.
+    adaptive.complete()
+    assert adaptive.rank == capped.rank
+    torch.testing.assert_close(adaptive.factor, capped.factor)
+    torch.testing.assert_close(as_matrix(adaptive, 200), as_matrix(capped, 200))
 
 
 # -- CG iteration counts ---------------------------------------------------------------
