@@ -56,6 +56,8 @@ NYSTROM_RATIO = 10.0
 # f32: 109 s / 301, 104 s / 417, 112 s / 499. Four per rank keeps the sketch within a
 # quarter of the fit (0.17 and 0.02 there; 0.62 and about 0.28 sketching all samples).
 SKETCH_SAMPLES_PER_RANK = 4
+# ... and of at least this many samples (a small explicit rank saves little below it).
+SKETCH_MIN_SAMPLES = 1024
 
 
 def cholesky(matrix, what):
@@ -204,8 +206,9 @@ class GaussianPosterior:
 
         In parameter space P = JᵀJ = Σ_i J_iᵀJ_i sums over the training samples,
         and the sketch is taken of the unbiased estimate (n/m)·Σ_(i∈S) J_iᵀJ_i over
-        m = ``SKETCH_SAMPLES_PER_RANK``·r/k random samples S (all n when fewer), r
-        the largest rank the sketch may reach: its products cost m/n of full ones.
+        m = max(``SKETCH_SAMPLES_PER_RANK``·r/k, ``SKETCH_MIN_SAMPLES``) random
+        samples S (all n when fewer), r the largest rank the sketch may reach: its
+        products cost m/n of full ones.
         The preconditioner only needs P's dominant subspace roughly; CG still
         solves the exact system.
         """
@@ -214,7 +217,7 @@ class GaussianPosterior:
         if self.space == "parameter":
             final_rank = max_rank if rank is None else rank
             samples = -(-SKETCH_SAMPLES_PER_RANK * final_rank // op.n_outputs)
-            op = op.subsampled(samples, generator)
+            op = op.subsampled(max(samples, SKETCH_MIN_SAMPLES), generator)
         if rank is not None:
             rank = min(rank, op.size)
             return NystromPreconditioner(op.psd_matmat, op.size, rank, op.shift, **options)

@@ -363,7 +363,7 @@ class PivotedCholeskyPreconditioner:
             exhausted = float(remaining.sum()) <= self._stop_trace
             if pivot_value <= 0.0 or exhausted:
                 break
-            if self._built_enough(j, pivot_value, self.shift, cg_tol):
+            if self._built_enough(j, pivot_value, cg_tol):
                 break
             # l = (P[:, i] - L L[i]ᵀ) / √d_i
             row = self._column(pivot).to(rows.dtype) - rows[:j].T @ rows[:j, pivot]
@@ -383,12 +383,12 @@ class PivotedCholeskyPreconditioner:
         core.diagonal().add_(self.shift)
         self._core_factor = torch.linalg.cholesky(core)
 
-    @staticmethod
-    def _built_enough(n_columns, largest_remaining, shift, cg_tol):
+    def _built_enough(self, n_columns, largest_remaining, cg_tol):
         """The ``cg_tol`` stopping rule, after ``n_columns`` columns."""
         if cg_tol is None:
             return False
-        iterations = math.log(2.0 / cg_tol) * math.sqrt(1.0 + largest_remaining / shift)
+        remaining = largest_remaining / self.shift
+        iterations = math.log(2.0 / cg_tol) * math.sqrt(1.0 + remaining)
         return n_columns * PIVOT_COST >= iterations / 3.0
 
     def __call__(self, R):

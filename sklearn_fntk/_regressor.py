@@ -64,10 +64,10 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
             default="auto"
         CG preconditioner (used by ``solver="cg"`` only). "nystrom": randomized
         Nyström approximation from ``rank`` operator products (in parameter space,
-        Fisher-vector products over a random subset of 4·rank/k training samples,
-        rescaled: an unbiased estimate of the Fisher at a fraction of the cost);
-        "pivoted_cholesky": partial pivoted Cholesky
-        of the kernel (function space only); "jacobi": the exact diagonal. "auto"
+        Fisher-vector products over a random subset of max(4·rank/k, 1024)
+        samples, rescaled: an unbiased estimate of the Fisher at a fraction of the
+        cost); "pivoted_cholesky": partial pivoted Cholesky of the kernel (function
+        space only); "jacobi": the exact diagonal. "auto"
         picks Nyström built from the low-rank variance's eigenpairs when the
         variance is low-rank (no further products), else pivoted Cholesky where
         kernel columns are cheap (function space with the layerwise kernel of a

@@ -460,10 +460,10 @@ def test_sketched_low_rank_variance_is_a_bounded_overestimate_parameter_space(
 @pytest.mark.parametrize("name", ["single", "multi3"])
 @pytest.mark.parametrize("variance", ["exact", "low_rank"])
 def test_parameter_space_sketch_of_a_subsample(sketched, monkeypatch, name, variance):
-    """The parameter-space Nyström sketch sees the Fisher of SKETCH_SAMPLES_PER_RANK
-    · rank / k random samples; CG still solves the full system, and the low-rank
-    variance (its Rayleigh-Ritz step uses all the data) still never falls below the
-    exact one."""
+    """The parameter-space Nyström sketch sees the Fisher of
+    max(SKETCH_SAMPLES_PER_RANK · rank / k, SKETCH_MIN_SAMPLES) random samples; CG
+    still solves the full system, and the low-rank variance (its Rayleigh-Ritz step
+    uses all the data) still never falls below the exact one."""
     from sklearn_fntk._jacobian import JacobianProducts
 
     drawn, sketched_columns = [], []
@@ -483,6 +483,7 @@ def test_parameter_space_sketch_of_a_subsample(sketched, monkeypatch, name, vari
 
     monkeypatch.setattr(JacobianProducts, "subsample", recording)
     monkeypatch.setattr(_posterior, "SKETCH_SAMPLES_PER_RANK", 2)
+    monkeypatch.setattr(_posterior, "SKETCH_MIN_SAMPLES", 4)
     net, X, y, X_test, parameters = case(name)
     ref = reference(name)
     est = make(
@@ -490,7 +491,7 @@ def test_parameter_space_sketch_of_a_subsample(sketched, monkeypatch, name, vari
         variance=variance, rank=8, random_state=0, tol=1e-10,
     ).fit(X, y)  # fmt: skip
     k = ref.mean.shape[1]
-    assert drawn == [-(-2 * 8 // k)] and sum(sketched_columns) == est.rank_ == 8
+    assert drawn == [max(-(-2 * 8 // k), 4)] and sum(sketched_columns) == est.rank_ == 8
     assert_close(as_2d(est.predict(X_test), len(X_test)), ref.mean, MEAN_RTOL)
     if variance == "low_rank":
         m = len(X_test)
