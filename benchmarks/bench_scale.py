@@ -207,7 +207,8 @@ def fvp(args):
     fd, fd_seconds, fd_sketch = fits["finite diff."]
     print(
         f"n={n}, MLP 10-64-64-1 (p={fd.n_params_}), parameter space, float64, "
-        f"Nyström rank {fd.rank_} (sketched with exact explicit blocks in every fit)"
+        f"Nyström rank {fd.rank_} (sketched with exact explicit blocks in every fit, "
+        f"from {_posterior.sketch_samples(n, fd.rank_, 1)} random samples)"
     )
     print(
         f"{'product':>14} {'iters':>5} {'fit s':>7} {'sketch s':>8} {'CG s':>7} "

@@ -37,7 +37,7 @@ from ._preconditioners import (
     PivotedCholeskyPreconditioner,
 )
 
-__all__ = ["GaussianPosterior", "cholesky"]
+__all__ = ["GaussianPosterior", "cholesky", "sketch_samples"]
 
 # Low-rank variance: keep the directions of JᵀJ whose weight f / (f + c) exceeds
 # this; a sketch grows until its last weight is at most this, or the rank cap.
@@ -58,6 +58,13 @@ NYSTROM_RATIO = 10.0
 SKETCH_SAMPLES_PER_RANK = 4
 # ... and of at least this many samples (a small explicit rank saves little below it).
 SKETCH_MIN_SAMPLES = 1024
+
+
+def sketch_samples(n_samples, rank, n_outputs):
+    """Training samples a parameter-space Nyström sketch of rank at most ``rank``
+    sees: max(``SKETCH_SAMPLES_PER_RANK``·rank/k, ``SKETCH_MIN_SAMPLES``), at most n."""
+    per_rank = -(-SKETCH_SAMPLES_PER_RANK * rank // n_outputs)
+    return min(n_samples, max(per_rank, SKETCH_MIN_SAMPLES))
 
 
 def cholesky(matrix, what):
@@ -216,8 +223,8 @@ class GaussianPosterior:
         options = dict(dtype=w.dtype, device=w.device, generator=generator)
         if self.space == "parameter":
             final_rank = max_rank if rank is None else rank
-            samples = -(-SKETCH_SAMPLES_PER_RANK * final_rank // op.n_outputs)
-            op = op.subsampled(max(samples, SKETCH_MIN_SAMPLES), generator)
+            samples = sketch_samples(op.n_samples, final_rank, op.n_outputs)
+            op = op.subsampled(samples, generator)
         if rank is not None:
             rank = min(rank, op.size)
             return NystromPreconditioner(op.psd_matmat, op.size, rank, op.shift, **options)
