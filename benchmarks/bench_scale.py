@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sklearn_fntk import FiniteNTKRegressor, _base, _posterior
+from sklearn_fntk import FiniteNTKRegressor, _base, _posterior, _preconditioners
 from sklearn_fntk._jacobian import JacobianProducts
 from sklearn_fntk._network import FunctionalNetwork
 
@@ -208,7 +208,7 @@ def fvp(args):
     print(
         f"n={n}, MLP 10-64-64-1 (p={fd.n_params_}), parameter space, float64, "
         f"Nyström rank {fd.rank_} (sketched with exact explicit blocks in every fit, "
-        f"from {_posterior.sketch_samples(n, fd.rank_, 1)} random samples)"
+        f"from {_preconditioners.sketch_samples(n, fd.rank_, 1)} random samples)"
     )
     print(
         f"{'product':>14} {'iters':>5} {'fit s':>7} {'sketch s':>8} {'CG s':>7} "

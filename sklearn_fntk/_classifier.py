@@ -58,7 +58,11 @@ from ._base import FiniteNTKBase
 from ._cg import conjugate_gradient
 from ._operators import KernelOperator
 from ._posterior import cholesky
-from ._preconditioners import JacobiPreconditioner, NystromPreconditioner
+from ._preconditioners import (
+    JacobiPreconditioner,
+    NystromPreconditioner,
+    sketch_samples,
+)
 
 __all__ = ["FiniteNTKClassifier", "LaplacePosterior"]
 
@@ -79,6 +83,8 @@ _SHARED_PARAMETERS = (
 )
 # Armijo's sufficient-decrease constant and the backtracking limit of the line search.
 _ARMIJO = 1e-4
+# Cap on the rank of the adaptive Nyström preconditioner (as in regression).
+NYSTROM_MAX_RANK = 512
 _MAX_HALVINGS = 40
 
 
@@ -114,6 +120,15 @@ class _PrecisionOperator:
 
     def matmat(self, V):
         return self.psd_matmat(V) + self.shift * V
+
+    def subsampled(self, n_samples, generator=None):
+        """H over ``n_samples`` random training samples, their J_iᵀ Λ_i J_i scaled
+        by n/m (an unbiased estimate; see :meth:`JacobianProducts.subsample`);
+        ``self`` when that is all of them."""
+        if n_samples >= self.jacobian.n_samples:
+            return self
+        rows, products = self.jacobian.subsample(n_samples, generator)
+        return _PrecisionOperator(products, self.curvature[rows], prior=1.0 / self.shift)
 
     def diagonal(self):
         """diag H = Σ_i diag(J_iᵀ Λ_i J_i) + 1/s, shape (p,)."""
@@ -226,10 +241,17 @@ class _Hessian:
         elif preconditioner == "jacobi":
             self._preconditioner = JacobiPreconditioner(self.operator.diagonal())
         elif preconditioner == "nystrom":
+            sketched = self.operator
+            if space == "parameter":  # the Fisher of a subsample, as in regression
+                samples = sketch_samples(
+                    jacobian.n_samples, NYSTROM_MAX_RANK, jacobian.n_outputs
+                )
+                sketched = sketched.subsampled(samples, generator)
             self._preconditioner = NystromPreconditioner.adaptive(
-                self.operator.psd_matmat,
-                self.operator.size,
-                self.operator.shift,
+                sketched.psd_matmat,
+                sketched.size,
+                sketched.shift,
+                max_rank=NYSTROM_MAX_RANK,
                 dtype=curvature.dtype,
                 device=curvature.device,
                 generator=generator,
@@ -537,7 +559,8 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
     preconditioner : {"auto", "jacobi", "nystrom"} or None, default="auto"
         CG preconditioner, rebuilt at every Newton iteration: "jacobi" takes the exact
         diagonal from explicit Jacobian blocks; "nystrom" an adaptive randomized
-        Nyström approximation (Frangella, Tropp & Udell 2021) of Jᵀ Λ J, or of
+        Nyström approximation (Frangella, Tropp & Udell 2021) of Jᵀ Λ J (sketched
+        from max(4·512/k, 1024) random samples, rescaled, as in regression), or of
         Λ^½ K Λ^½ in function space. "auto" means "nystrom".
     tol : float, default=1e-6
         Newton stops when the gradient norm falls to tol times its initial value;

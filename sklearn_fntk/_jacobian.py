@@ -310,8 +310,10 @@ class JacobianProducts:
 
         Returns
         -------
-        JacobianProducts
-            Not cached.
+        rows : torch.Tensor of shape (m,)
+            The samples drawn, ascending.
+        products : JacobianProducts
+            Over ``X[rows]``; not cached.
         """
         device = self.w.device
         order = torch.randperm(self.n_samples, generator=generator, device=device)
@@ -319,7 +321,7 @@ class JacobianProducts:
         scale = self.w.new_full((n_samples,), (self.n_samples / n_samples) ** 0.5)
         if self.row_scale is not None:
             scale = scale * self.row_scale[rows]
-        return JacobianProducts(
+        return rows, JacobianProducts(
             self.network, self.w, self.X[rows], batch_size=self.batch_size, row_scale=scale
         )
 

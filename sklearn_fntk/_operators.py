@@ -178,8 +178,9 @@ class ParameterOperator(_Operator):
         :meth:`JacobianProducts.subsample`); ``self`` when that is all of them."""
         if n_samples >= self.n_samples:
             return self
+        _, products = self.jacobian.subsample(n_samples, generator)
         return ParameterOperator(
-            self.jacobian.subsample(n_samples, generator),
+            products,
             prior=self.prior,
             noise=self.noise,
             fisher_product=self.fisher_product,

@@ -35,9 +35,10 @@ from ._preconditioners import (
     JacobiPreconditioner,
     NystromPreconditioner,
     PivotedCholeskyPreconditioner,
+    sketch_samples,
 )
 
-__all__ = ["GaussianPosterior", "cholesky", "sketch_samples"]
+__all__ = ["GaussianPosterior", "cholesky"]
 
 # Low-rank variance: keep the directions of JᵀJ whose weight f / (f + c) exceeds
 # this; a sketch grows until its last weight is at most this, or the rank cap.
@@ -49,22 +50,6 @@ EIGEN_SIZE = 4096
 LOW_RANK_BYTES = 1 << 29
 # Nyström preconditioner: grow until λ_r ≤ this multiple of the shift.
 NYSTROM_RATIO = 10.0
-# Parameter-space Nyström sketches see the Fisher of this many training samples per
-# unit of rank (over the output count) at most. Rank 512, fits with the exact
-# product: n = 20,000, p = 4929, f64: 4.5 s / 48 CG iterations sketching all samples,
-# 3.8-4.3 s / 66 with 8 per rank, 3.6-3.9 s / 77 with 4; n = 100,000, p = 20,865,
-# f32: 109 s / 301, 104 s / 417, 112 s / 499. Four per rank keeps the sketch within a
-# quarter of the fit (0.17 and 0.02 there; 0.62 and about 0.28 sketching all samples).
-SKETCH_SAMPLES_PER_RANK = 4
-# ... and of at least this many samples (a small explicit rank saves little below it).
-SKETCH_MIN_SAMPLES = 1024
-
-
-def sketch_samples(n_samples, rank, n_outputs):
-    """Training samples a parameter-space Nyström sketch of rank at most ``rank``
-    sees: max(``SKETCH_SAMPLES_PER_RANK``·rank/k, ``SKETCH_MIN_SAMPLES``), at most n."""
-    per_rank = -(-SKETCH_SAMPLES_PER_RANK * rank // n_outputs)
-    return min(n_samples, max(per_rank, SKETCH_MIN_SAMPLES))
 
 
 def cholesky(matrix, what):
@@ -213,9 +198,8 @@ class GaussianPosterior:
 
         In parameter space P = JᵀJ = Σ_i J_iᵀJ_i sums over the training samples,
         and the sketch is taken of the unbiased estimate (n/m)·Σ_(i∈S) J_iᵀJ_i over
-        m = max(``SKETCH_SAMPLES_PER_RANK``·r/k, ``SKETCH_MIN_SAMPLES``) random
-        samples S (all n when fewer), r the largest rank the sketch may reach: its
-        products cost m/n of full ones.
+        m random samples S (:func:`sketch_samples`; all n when fewer), r the largest
+        rank the sketch may reach: its products cost m/n of full ones.
         The preconditioner only needs P's dominant subspace roughly; CG still
         solves the exact system.
         """

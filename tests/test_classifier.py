@@ -22,7 +22,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
-from sklearn_fntk import FiniteNTKClassifier
+from sklearn_fntk import FiniteNTKClassifier, _preconditioners
 
 NAMES = np.array(["ant", "bee", "cat"])
 
@@ -65,6 +65,7 @@ PATHS = {
     "function-cg": {"space": "function", "solver": "cg", "preconditioner": None},
     "parameter-cg-jacobi": dict(space="parameter", solver="cg", preconditioner="jacobi"),
     "function-cg-nystrom": dict(space="function", solver="cg", preconditioner="nystrom"),
+    "parameter-cg-nystrom": dict(space="parameter", solver="cg", preconditioner="nystrom"),
 }
 
 
@@ -93,6 +94,33 @@ def test_matches_dense_reference(reference_case, path):
     for link, proba in expected.items():
         clf.set_params(link=link)
         np.testing.assert_allclose(clf.predict_proba(X_test), proba, rtol=1e-5)
+
+
+def test_parameter_space_nystrom_from_a_subsample_matches_reference(
+    reference_case, monkeypatch
+):
+    """Newton's Nyström preconditioners sketch (n/m)·J_SᵀΛ_S J_S over random samples S
+    (here 20 of 60, a new draw per Newton step); CG still solves the full system."""
+    from sklearn_fntk._jacobian import JacobianProducts
+
+    monkeypatch.setattr(_preconditioners, "SKETCH_SAMPLES_PER_RANK", 0)
+    monkeypatch.setattr(_preconditioners, "SKETCH_MIN_SAMPLES", 20)
+    drawn = []
+    subsample = JacobianProducts.subsample
+
+    def recording(self, n_samples, generator=None):
+        drawn.append(n_samples)
+        return subsample(self, n_samples, generator)
+
+    monkeypatch.setattr(JacobianProducts, "subsample", recording)
+    net, X, y, X_test, reference = reference_case
+    path = PATHS["parameter-cg-nystrom"]
+    clf = FiniteNTKClassifier(net, prior=2.0, tol=1e-10, random_state=0, **path)
+    clf.fit(X, y)
+    assert len(drawn) >= 2 and set(drawn) == {20}
+    np.testing.assert_allclose(clf.delta_.numpy(), reference["delta"], rtol=1e-6, atol=1e-9)
+    expected = probit_proba(reference["mean"], reference["cov"])
+    np.testing.assert_allclose(clf.predict_proba(X_test), expected, rtol=1e-5)
 
 
 def test_prior_mean_zero_matches_reference():

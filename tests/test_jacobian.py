@@ -147,12 +147,11 @@ def test_subsample_is_a_rescaled_random_subset_of_the_rows(weighted, n_samples):
     if weighted:
         products.row_scale = weights.sqrt()
         J = J * weights.sqrt().repeat_interleave(k)[:, None]
-    sub = products.subsample(n_samples, torch.Generator().manual_seed(0))
+    drawn, sub = products.subsample(n_samples, torch.Generator().manual_seed(0))
     assert sub.n_samples == n_samples and sub.batch_size == products.batch_size
-    # Which rows were drawn: X's rows are distinct, so match them.
-    drawn = [int(np.flatnonzero((X == row).all(1))[0]) for row in sub.X.numpy()]
-    assert len(set(drawn)) == n_samples
-    rows = torch.tensor([i * k + a for i in drawn for a in range(k)])
+    assert len(set(drawn.tolist())) == n_samples and bool((drawn.diff() > 0).all())
+    assert_close(sub.X, X[drawn.numpy()])
+    rows = torch.tensor([i * k + a for i in drawn.tolist() for a in range(k)])
     expected = (n / n_samples) * J[rows].T @ J[rows]
     V = torch.randn(J.shape[1], 2 * EXPLICIT_MIN_COLUMNS, dtype=torch.float64)
     assert_close(sub.fisher_product(V), expected @ V)  # explicit blocks

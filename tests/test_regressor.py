@@ -17,7 +17,7 @@ from networks import (
 from reference import RelativeErrors, reference_jacobian, reference_posterior
 from sklearn.metrics import r2_score
 
-from sklearn_fntk import FiniteNTKRegressor, _posterior
+from sklearn_fntk import FiniteNTKRegressor, _posterior, _preconditioners
 
 NOISE, PRIOR = 0.1, 0.5
 # Chunks of 16 samples: neither n=30 nor m=20 is a multiple.
@@ -471,7 +471,7 @@ def test_parameter_space_sketch_of_a_subsample(sketched, monkeypatch, name, vari
 
     def recording(self, n_samples, generator=None):
         drawn.append(n_samples)
-        products = subsample(self, n_samples, generator)
+        rows, products = subsample(self, n_samples, generator)
         fisher_product = products.fisher_product
 
         def counted(V, **kwargs):
@@ -479,11 +479,11 @@ def test_parameter_space_sketch_of_a_subsample(sketched, monkeypatch, name, vari
             return fisher_product(V, **kwargs)
 
         products.fisher_product = counted
-        return products
+        return rows, products
 
     monkeypatch.setattr(JacobianProducts, "subsample", recording)
-    monkeypatch.setattr(_posterior, "SKETCH_SAMPLES_PER_RANK", 2)
-    monkeypatch.setattr(_posterior, "SKETCH_MIN_SAMPLES", 4)
+    monkeypatch.setattr(_preconditioners, "SKETCH_SAMPLES_PER_RANK", 2)
+    monkeypatch.setattr(_preconditioners, "SKETCH_MIN_SAMPLES", 4)
     net, X, y, X_test, parameters = case(name)
     ref = reference(name)
     est = make(
