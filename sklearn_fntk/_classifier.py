@@ -59,6 +59,7 @@ from ._cg import conjugate_gradient
 from ._operators import KernelOperator
 from ._posterior import cholesky
 from ._preconditioners import (
+    NYSTROM_MAX_RANK,
     JacobiPreconditioner,
     NystromPreconditioner,
     sketch_samples,
@@ -83,8 +84,6 @@ _SHARED_PARAMETERS = (
 )
 # Armijo's sufficient-decrease constant and the backtracking limit of the line search.
 _ARMIJO = 1e-4
-# Cap on the rank of the adaptive Nyström preconditioner (as in regression).
-NYSTROM_MAX_RANK = 512
 _MAX_HALVINGS = 40
 
 
@@ -251,7 +250,6 @@ class _Hessian:
                 sketched.psd_matmat,
                 sketched.size,
                 sketched.shift,
-                max_rank=NYSTROM_MAX_RANK,
                 dtype=curvature.dtype,
                 device=curvature.device,
                 generator=generator,

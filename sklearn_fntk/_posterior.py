@@ -32,6 +32,7 @@ from ._evidence import stochastic_log_marginal_likelihood
 from ._memory import check_fits
 from ._operators import KernelOperator, ParameterOperator
 from ._preconditioners import (
+    NYSTROM_MAX_RANK,
     JacobiPreconditioner,
     NystromPreconditioner,
     PivotedCholeskyPreconditioner,
@@ -127,7 +128,7 @@ class GaussianPosterior:
         variance="exact",
         gram=None,
         rank=None,
-        max_rank=512,
+        max_rank=NYSTROM_MAX_RANK,
         tol=1e-6,
         max_iter=None,
         generator=None,

@@ -33,10 +33,13 @@ PIVOT_COST = 0.2
 SKETCH_SAMPLES_PER_RANK = 4
 # ... and of at least this many samples (a small explicit rank saves little below it).
 SKETCH_MIN_SAMPLES = 1024
+# Default cap on the rank of an adaptive Nyström preconditioner (a (d, r) factor).
+NYSTROM_MAX_RANK = 512
 
 __all__ = [
     "JacobiPreconditioner",
     "NystromPreconditioner",
+    "NYSTROM_MAX_RANK",
     "PivotedCholeskyPreconditioner",
     "sketch_samples",
 ]
@@ -216,7 +219,7 @@ class NystromPreconditioner:
         ratio=10.0,
         initial_rank=32,
         growth=4,
-        max_rank=512,
+        max_rank=NYSTROM_MAX_RANK,
         generator=None,
     ):
         """A Nyström preconditioner whose rank grows until λ̂_r ≤ ``ratio`` · μ.
@@ -365,7 +368,7 @@ class PivotedCholeskyPreconditioner:
         self._remaining = diagonal.to(factor_dtype(diagonal), copy=True)
         self._stop_trace = tol * float(self._remaining.sum())
         self._rows = self._remaining.new_empty(min(rank, size), size)  # Lᵀ, by rows
-        self._pivots = []
+        self._pivots, self.factor = [], None
         self._factorize(cg_tol)
 
     def complete(self):
@@ -376,9 +379,11 @@ class PivotedCholeskyPreconditioner:
         self._factorize(None)
 
     def _factorize(self, cg_tol):
-        """Add greedy columns until a stopping rule holds; then set the factor."""
+        """Add greedy columns until a stopping rule holds; then set the factor (only
+        when columns were added: :meth:`complete` runs before every variance solve)."""
         rows, remaining, pivots = self._rows, self._remaining, self._pivots
-        for j in range(len(pivots), rows.shape[0]):
+        start = len(pivots)
+        for j in range(start, rows.shape[0]):
             pivot = int(torch.argmax(remaining))
             pivot_value = float(remaining[pivot])
             exhausted = float(remaining.sum()) <= self._stop_trace
@@ -395,6 +400,8 @@ class PivotedCholeskyPreconditioner:
             remaining -= row**2
             remaining[pivot] = 0.0
             remaining.clamp_(min=0.0)
+        if self.factor is not None and len(pivots) == start:
+            return
         self.factor = rows[: len(pivots)].T
         self.pivots = torch.tensor(pivots, dtype=torch.long, device=remaining.device)
         self.rank = len(pivots)
