@@ -3,7 +3,7 @@
 Everything is measured side by side in one process and printed as times and ratios;
 nothing is asserted. benchmarks/README.md says what each ratio means.
 
-(a) Kernel products. One product K u = s·J(Jᵀu) + σ²u by ``KernelOperator`` over
+(a) Kernel products. One product K u = s·J(Jᵀu) + σ²u by ``FunctionOperator`` over
     ``JacobianProducts`` with the cached linearization (``cache_bytes=1 << 30``), with
     a fresh VJP + JVP per product (``cache_bytes=0``), and with the layerwise kernel
     the estimator uses for Linear/elementwise networks, each divided by the time of
@@ -31,10 +31,10 @@ from sklearn.exceptions import ConvergenceWarning
 from torch.func import functional_call, jacrev, vmap
 
 from sklearn_fntk import FiniteNTKRegressor
-from sklearn_fntk._jacobian import JacobianProducts
-from sklearn_fntk._network import FunctionalNetwork
-from sklearn_fntk._operators import KernelOperator
-from sklearn_fntk._structured import LayerwiseKernel
+from sklearn_fntk._inference.operators import FunctionOperator
+from sklearn_fntk._linearize.jacobian import JacobianProducts
+from sklearn_fntk._linearize.layerwise import LayerwiseKernel
+from sklearn_fntk._linearize.network import FunctionalNetwork
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -233,9 +233,9 @@ def bench_products(network, X, args, dtype):
         lambda: LayerwiseKernel(functional, inputs, batch_size=args.batch_size)
     )
     kernels = {
-        "cached": KernelOperator(cached, prior=1.0, noise=1e-2),
-        "fresh": KernelOperator(fresh, prior=1.0, noise=1e-2),
-        "layerwise": KernelOperator(fresh, prior=1.0, noise=1e-2, structured=layerwise),
+        "cached": FunctionOperator(cached, prior=1.0, shift=1e-2),
+        "fresh": FunctionOperator(fresh, prior=1.0, shift=1e-2),
+        "layerwise": FunctionOperator(fresh, prior=1.0, shift=1e-2, structured=layerwise),
     }
     u = torch.randn(len(X), 1, dtype=dtype, generator=torch.Generator().manual_seed(0))
     calls = {"forward+backward": forward_backward}

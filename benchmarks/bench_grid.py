@@ -44,9 +44,12 @@ from threadpoolctl import threadpool_limits
 from torch.func import functional_call, jacrev, vmap
 
 from sklearn_fntk import FiniteNTKRegressor
-from sklearn_fntk._evidence import SpectralEvidence, stochastic_log_marginal_likelihood
-from sklearn_fntk._network import FunctionalNetwork
-from sklearn_fntk._structured import LayerwiseKernel
+from sklearn_fntk._inference.evidence import (
+    SpectralEvidence,
+    stochastic_log_marginal_likelihood,
+)
+from sklearn_fntk._linearize.layerwise import LayerwiseKernel
+from sklearn_fntk._linearize.network import FunctionalNetwork
 
 NOISES = [0.003, 0.01, 0.03, 0.1, 0.3]
 PRIORS = [0.001, 0.003, 0.01, 0.03, 0.1]

@@ -23,9 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from sklearn_fntk import FiniteNTKRegressor, _base, _posterior, _preconditioners
-from sklearn_fntk._jacobian import JacobianProducts
-from sklearn_fntk._network import FunctionalNetwork
+from sklearn_fntk import FiniteNTKRegressor, _base
+from sklearn_fntk._inference import gaussian, low_rank, system
+from sklearn_fntk._inference.policy import Policy
+from sklearn_fntk._linalg import preconditioners
+from sklearn_fntk._linearize.jacobian import JacobianProducts
+from sklearn_fntk._linearize.network import FunctionalNetwork
 
 
 def trained_mlp(widths, n_train=2000, steps=300, seed=0):
@@ -75,29 +78,28 @@ class SketchTimer:
     over the data (or its eigendecomposition) count as variance only.
     """
 
-    SETUP = ("_build_preconditioner", "_low_rank_variance", "_low_rank_from_eigenpairs")
-    PRECONDITIONER = ("_nystrom",)
-    PRECONDITIONER_CLASSES = (
-        _posterior.PivotedCholeskyPreconditioner,
-        _posterior.JacobiPreconditioner,
+    SETUP = (
+        (gaussian, "build_preconditioner"),
+        (gaussian, "low_rank_from_sketch"),
+        (gaussian, "low_rank_from_eigenpairs"),
+    )
+    PRECONDITIONER = (
+        (system, "nystrom_sketch"),
+        (low_rank, "nystrom_sketch"),
+        (preconditioners.PivotedCholeskyPreconditioner, "__init__"),
+        (preconditioners.JacobiPreconditioner, "__init__"),
     )
 
     def __enter__(self):
         self.seconds, self.preconditioner, self._originals = 0.0, 0.0, []
-        targets = [(_posterior.GaussianPosterior, name, "seconds") for name in self.SETUP]
-        targets += [
-            (_posterior.GaussianPosterior, name, "preconditioner")
-            for name in self.PRECONDITIONER
-        ]
-        targets += [
-            (cls, "__init__", "preconditioner") for cls in self.PRECONDITIONER_CLASSES
-        ]
+        targets = [(owner, name, "seconds") for owner, name in self.SETUP]
+        targets += [(owner, name, "preconditioner") for owner, name in self.PRECONDITIONER]
         for owner, name, total in targets:
             original = getattr(owner, name)
             self._originals.append((owner, name, original))
 
-            def timed_method(obj, *args, _original=original, _total=total, **kwargs):
-                result, seconds = timed(lambda: _original(obj, *args, **kwargs))
+            def timed_method(*args, _original=original, _total=total, **kwargs):
+                result, seconds = timed(lambda: _original(*args, **kwargs))
                 setattr(self, _total, getattr(self, _total) + seconds)
                 return result
 
@@ -208,7 +210,7 @@ def fvp(args):
     print(
         f"n={n}, MLP 10-64-64-1 (p={fd.n_params_}), parameter space, float64, "
         f"Nyström rank {fd.rank_} (sketched with exact explicit blocks in every fit, "
-        f"from {_preconditioners.sketch_samples(n, fd.rank_, 1)} random samples)"
+        f"from {Policy().sketch_samples(n, fd.rank_, 1)} random samples)"
     )
     print(
         f"{'product':>14} {'iters':>5} {'fit s':>7} {'sketch s':>8} {'CG s':>7} "

@@ -13,10 +13,10 @@ import time
 import torch
 from torch import nn
 
-from sklearn_fntk._jacobian import JacobianProducts
-from sklearn_fntk._network import FunctionalNetwork
-from sklearn_fntk._operators import KernelOperator
-from sklearn_fntk._structured import LayerwiseKernel
+from sklearn_fntk._inference.operators import FunctionOperator
+from sklearn_fntk._linearize.jacobian import JacobianProducts
+from sklearn_fntk._linearize.layerwise import LayerwiseKernel
+from sklearn_fntk._linearize.network import FunctionalNetwork
 
 
 def best_seconds(calls, repeats):
@@ -70,7 +70,7 @@ def main():
         network, network.theta, X, batch_size=args.batch_size, cache_bytes=1 << 30
     )
     generic_setup = time.perf_counter() - start
-    generic = KernelOperator(jacobian, prior=1.0, noise=0.0)
+    generic = FunctionOperator(jacobian, prior=1.0, shift=0.0)
     baseline = best_seconds({"forward_backward": forward_backward}, args.repeats)
     baseline = baseline["forward_backward"]
     print(f"forward + backward over the n points: {1e3 * baseline:.1f} ms (= 1x)")

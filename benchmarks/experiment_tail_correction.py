@@ -58,7 +58,8 @@ def main():
     posterior = reg._posterior
     operator = posterior.operator
     prior, c = posterior.prior, posterior.noise / posterior.prior
-    low_rank, V, weights = posterior._low_rank
+    low_rank = posterior.low_rank
+    V, weights = low_rank.vectors, low_rank.weights
     start = time.perf_counter()
     d = tail_diagonal(operator.jacobian, V)
     print(f"tail diagonal pass {time.perf_counter() - start:.1f} s")
@@ -69,10 +70,10 @@ def main():
     tail = J_test - projections @ V.T
     plain = prior * ((J_test**2).sum(1) - (projections**2) @ weights)
     corrected = prior * ((projections**2) @ (1 - weights) + (tail**2) @ (c / (d + c)))
-    posterior._low_rank = None  # the exact variance, by CG on the same fit
+    posterior.low_rank = None  # the exact variance, by CG on the same fit
     start = time.perf_counter()
-    exact = posterior.covariance(X_points, diagonal=True)
-    posterior._low_rank = (low_rank, V, weights)
+    exact, _ = posterior.covariance(X_points, diagonal=True)
+    posterior.low_rank = low_rank
     print(f"exact std by CG {time.perf_counter() - start:.1f} s")
     for i in range(args.points):
         e, p, q = (float(v[i].sqrt()) for v in (exact, plain, corrected))

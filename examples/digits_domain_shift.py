@@ -171,7 +171,7 @@ for link in ["probit", "map"]:
     seconds[name] = time.perf_counter() - start  # refit and predict
 print(
     f"FiniteNTKClassifier: {ntk.space_}-space {ntk.solver_} solves, "
-    f"{ntk.n_iter_} Newton iterations; cross-validation over prior {PRIORS} x "
+    f"{ntk.n_newton_iter_} Newton iterations; cross-validation over prior {PRIORS} x "
     f"link took {cv_seconds:.1f} s"
 )
 

@@ -1,9 +1,10 @@
 """Estimator machinery shared by the regressor and the classifier.
 
-Everything that touches scikit-learn conventions lives here or in the estimator
-modules: parameter constraints, input validation, the private network copy, the
-numpy <-> torch boundary. The numerical core (``_jacobian``, ``_operators``, ``_cg``,
-``_posterior``) sees torch tensors only.
+Everything that touches scikit-learn conventions lives in the estimator layer (this
+module, ``_regressor``, ``_classifier``, ``_progress``): parameter constraints, input
+validation, the private network copy, the numpy <-> torch boundary, warnings. The
+layers below (``_inference``, ``_linearize``, ``_linalg``) see torch tensors only and
+report what happened instead of warning.
 """
 
 import io
@@ -14,17 +15,17 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, validate_data
 
-from ._jacobian import JacobianProducts, explicit_jacobian, outputs_and_jvp
-from ._network import FunctionalNetwork, default_mlp
+from ._inference.policy import Policy, resolve_choices
+from ._linearize.jacobian import JacobianProducts, outputs_and_jvp
+from ._linearize.layerwise import LayerwiseKernel, supports_structured
+from ._linearize.network import FunctionalNetwork, default_mlp
 from ._progress import CGProgress
-from ._structured import LayerwiseKernel, supports_structured
 
-# The dense (Cholesky) solver is chosen by ``solver="auto"`` up to this system size.
-DENSE_MAX_SIZE = 4096
 # Memory allowed for cached per-chunk linearizations of the training data.
 LINEARIZATION_CACHE_BYTES = 1 << 30
 
@@ -77,22 +78,20 @@ def _input_hint(module):
 
 
 class FiniteNTKBase(BaseEstimator):
-    """Parameters, validation and Jacobian plumbing common to both estimators."""
+    """Parameters, validation and Jacobian plumbing common to both estimators.
 
-    _parameter_constraints = {
+    Each estimator declares its own ``_parameter_constraints``, from
+    ``_COMMON_CONSTRAINTS`` (the parameters both have, meaning the same in both)
+    and its own.
+    """
+
+    _COMMON_CONSTRAINTS = {
         "network": [torch.nn.Module, None],
         "prior": [Interval(Real, 0, None, closed="neither")],
         "prior_mean": [StrOptions({"network", "zero"})],
         "parameters": [list, tuple, None],
         "solver": [StrOptions({"auto", "dense", "cg"})],
         "space": [StrOptions({"auto", "function", "parameter"})],
-        "preconditioner": [
-            StrOptions({"auto", "jacobi", "nystrom", "pivoted_cholesky"}),
-            None,
-        ],
-        "variance": [StrOptions({"auto", "exact", "low_rank"})],
-        "rank": [Interval(Integral, 1, None, closed="left"), None],
-        "fisher_product": [StrOptions({"exact", "finite_difference"})],
         "tol": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -101,6 +100,9 @@ class FiniteNTKBase(BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
+    # Sizes, ranks and thresholds of the automatic choices (tests may set an
+    # instance's ``_policy`` to another Policy).
+    _policy = Policy()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -311,48 +313,50 @@ class FiniteNTKBase(BaseEstimator):
         generator.manual_seed(self._seed())
         return generator
 
-    def _structured_kernel(self, X, row_scale=None):
-        """The layerwise kernel of the training inputs X (a tensor) where it applies.
+    def _layerwise(self, network):
+        """Whether the layerwise kernel applies to ``network`` (a FunctionalNetwork):
+        Linear layers and elementwise activations whose linearized parameters are
+        Linear weights and biases (see ``supports_structured``)."""
+        return supports_structured(network.module, network.names)
 
-        It applies in function space to networks of Linear layers and elementwise
-        activations whose linearized parameters are Linear weights and biases;
-        None elsewhere. ``row_scale`` as in :meth:`_training_jacobian`.
-        """
-        network = self._network
-        if self.space_ != "function" or not supports_structured(
-            network.module, network.names
-        ):
+    def _structured_kernel(self, network, X, choices, row_scale=None):
+        """The layerwise kernel of the training inputs X (a tensor) where it applies
+        (in function space, see :meth:`_layerwise`); None elsewhere. ``row_scale`` as
+        in :meth:`_training_jacobian`."""
+        if choices.space != "function" or not self._layerwise(network):
             return None
         return LayerwiseKernel(network, X, batch_size=self.batch_size, row_scale=row_scale)
 
-    def _resolve_preconditioner(self, structured, low_rank_variance=False):
-        """``preconditioner="auto"``: the low-rank variance's eigenpairs where there
-        are some (Nyström, no further products), else pivoted Cholesky where kernel
-        columns are cheap, else Nyström."""
-        if self.preconditioner == "pivoted_cholesky" and self.space_ != "function":
-            raise ValueError(
-                "preconditioner='pivoted_cholesky' needs kernel columns, so it works in "
-                f"function space only; this fit solves in {self.space_} space. Use "
-                "space='function' or preconditioner='nystrom'."
-            )
-        if self.solver_ == "dense":
-            return None  # nothing to precondition
-        if self.preconditioner != "auto":
-            return self.preconditioner
-        if self.space_ == "function" and structured is not None and not low_rank_variance:
-            return "pivoted_cholesky"
-        return "nystrom"
+    def _warn_unconverged(self, report, stage):
+        """A ConvergenceWarning, naming what to change, when a CG solve (``report``,
+        a CGResult, or None for none) stopped short of its stopping rule."""
+        if report is None or report.all_converged:
+            return
+        unconverged = int((~report.converged).sum())
+        warnings.warn(
+            f"{type(self).__name__}: conjugate gradient ({stage}) stopped after "
+            f"max_iter={report.max_iter} iterations with {unconverged} of "
+            f"{report.converged.numel()} right-hand sides short of the stopping rule "
+            f"at tol={self.tol:g} (worst relative residual "
+            f"{float(report.residual_norms.max()):.3g}). Increase max_iter, loosen "
+            f"tol, {self._conditioning_advice}, or use solver='dense'.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
 
-    def _choose(self, n_rows, n_params):
-        """Resolve ``space="auto"`` (the smaller system) and ``solver="auto"``."""
-        space = self.space
-        if space == "auto":
-            space = "function" if n_rows <= n_params else "parameter"
-        size = n_rows if space == "function" else n_params
-        solver = self.solver
-        if solver == "auto":
-            solver = "dense" if size <= DENSE_MAX_SIZE else "cg"
-        return space, solver
+    def _resolve(self, n_rows, n_params, layerwise, variance="exact"):
+        """Every "auto" of this fit (see ``resolve_choices``), with the network's
+        sizes: n·k rows and p parameters."""
+        return resolve_choices(
+            space=self.space,
+            solver=self.solver,
+            preconditioner=self.preconditioner,
+            variance=variance,
+            n_rows=n_rows,
+            n_params=n_params,
+            layerwise=layerwise,
+            policy=self._policy,
+        )
 
     def _cg_progress(self):
         """A CG progress callback when ``verbose > 0``, else None."""
@@ -374,10 +378,6 @@ class FiniteNTKBase(BaseEstimator):
         for _, outputs, shift in self._linearized_chunks(X):
             parts.append(outputs + shift if self.prior_mean == "network" else shift)
         return torch.cat(parts)
-
-    def _test_jacobian(self, X):
-        """Explicit Jacobian rows of X at θ, shape (m·k, p)."""
-        return explicit_jacobian(self._network, self._network.theta, X).flatten(0, 1)
 
     @property
     def network_(self):

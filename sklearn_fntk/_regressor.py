@@ -1,21 +1,20 @@
 """FiniteNTKRegressor: exact GP regression with the finite NTK of a trained network."""
 
 import warnings
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import RegressorMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import FiniteNTKBase
-from ._evidence import SpectralEvidence
-from ._jacobian import scale_rows
-from ._operators import KernelOperator, ParameterOperator
-from ._posterior import GaussianPosterior
+from ._inference.evidence import spectral_evidence
+from ._inference.gaussian import GaussianPosterior
+from ._linearize.jacobian import scale_rows
 
 __all__ = ["FiniteNTKRegressor"]
 
@@ -182,10 +181,18 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
     """
 
     _parameter_constraints = {
-        **FiniteNTKBase._parameter_constraints,
+        **FiniteNTKBase._COMMON_CONSTRAINTS,
         "noise": [Interval(Real, 0, None, closed="neither")],
+        "preconditioner": [
+            StrOptions({"auto", "jacobi", "nystrom", "pivoted_cholesky"}),
+            None,
+        ],
+        "fisher_product": [StrOptions({"exact", "finite_difference"})],
+        "variance": [StrOptions({"auto", "exact", "low_rank"})],
+        "rank": [Interval(Integral, 1, None, closed="left"), None],
         "optimize": ["boolean"],
     }
+    _conditioning_advice = "increase noise"
 
     def __init__(
         self,
@@ -264,9 +271,15 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         Y = y.reshape(y.shape[0], -1)
         self._y_ndim = y.ndim
         self.n_outputs_ = Y.shape[1]
-        self._network = self._make_network(X, self.n_outputs_)
-        n_rows = X.shape[0] * self.n_outputs_
-        self.space_, self.solver_ = self._choose(n_rows, self._network.n_params)
+        network = self._network = self._make_network(X, self.n_outputs_)
+        choices = self._resolve(
+            X.shape[0] * self.n_outputs_,
+            network.n_params,
+            self._layerwise(network),
+            variance=self.variance,
+        )
+        self.space_, self.solver_ = choices.space, choices.solver
+        self.preconditioner_, self.variance_ = choices.preconditioner, choices.variance
 
         X = self._tensor(X)  # one copy, shared by the kernel and the Jacobian products
         # Noise variances σ²/w_i: the GP on the rows of J and r scaled by √w_i has
@@ -276,31 +289,25 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         if sample_weight is not None:
             row_scale = torch.sqrt(self._tensor(sample_weight))
             self._log_weight = 0.5 * self.n_outputs_ * float(np.log(sample_weight).sum())
-        structured = self._structured_kernel(X, row_scale)
+        structured = self._structured_kernel(network, X, choices, row_scale)
         self.kernel_ = "layerwise" if structured is not None else "autodiff"
-        self.variance_ = self.variance
-        if self.variance == "auto":  # exact variances cost a CG solve per test batch
-            self.variance_ = "exact" if self.solver_ == "dense" else "low_rank"
-        self.preconditioner_ = self._resolve_preconditioner(
-            structured, low_rank_variance=self.variance_ == "low_rank"
-        )
         # Iterative solves reuse each chunk's forward pass, except where the kernel
         # is layerwise or the finite-difference Fisher product runs its own passes.
         finite_difference = (
-            self.space_ == "parameter" and self.fisher_product == "finite_difference"
+            choices.space == "parameter" and self.fisher_product == "finite_difference"
         )
-        if finite_difference and self.solver_ == "cg" and self.dtype == "float32":
+        if finite_difference and choices.solver == "cg" and self.dtype == "float32":
             warnings.warn(
                 "fisher_product='finite_difference' in float32 is exact only to about "
                 "1e-3 (relative), and the solve amplifies that by the system's "
-                "conditioning (a trained MLP, n=4000: predicted means 14% off although "
-                "CG converged). Use fisher_product='exact' or dtype='float64'.",
+                "conditioning (predicted means were measured 14% off although CG "
+                "converged). Use fisher_product='exact' or dtype='float64'.",
                 UserWarning,
                 stacklevel=2,
             )
         jacobian = self._training_jacobian(
             X,
-            cache=self.solver_ == "cg" and structured is None and not finite_difference,
+            cache=choices.solver == "cg" and structured is None and not finite_difference,
             row_scale=row_scale,
         )
         self.forward_mode_ = jacobian.forward_mode
@@ -311,30 +318,33 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         residuals = scale_rows(residuals, row_scale)
         self.noise_, self.prior_, gram = self.noise, self.prior, None
         if self.optimize:
-            gram, best = self._maximize_evidence(jacobian, residuals, structured)
+            gram, best = self._maximize_evidence(jacobian, residuals, structured, choices)
             self.noise_, self.prior_ = best.noise, best.prior
-        self._posterior = GaussianPosterior(
+        posterior = GaussianPosterior(
             jacobian,
             residuals,
             prior=self.prior_,
             noise=self.noise_,
-            space=self.space_,
-            solver=self.solver_,
-            preconditioner=self.preconditioner_,
+            choices=choices,
+            policy=self._policy,
             fisher_product=self.fisher_product,
             structured=structured,
-            variance=self.variance_,
-            gram=gram,
             rank=self.rank,
             tol=self.tol,
             max_iter=self.max_iter,
-            generator=self._generator(),
-            callback=self._cg_progress(),
         )
-        self.delta_ = self._posterior.delta
-        self.n_iter_ = self._posterior.n_iter
-        self.rank_ = self._posterior.rank
-        self.variance_tail_weight_ = self._posterior.variance_tail_weight
+        progress = self._cg_progress()
+        try:
+            posterior.fit(gram=gram, generator=self._generator(), callback=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        self._warn_unconverged(posterior.report, "the fit's solve")
+        self._posterior = posterior
+        self.delta_ = posterior.delta
+        self.n_iter_ = posterior.n_iter
+        self.rank_ = posterior.rank
+        self.variance_tail_weight_ = posterior.variance_tail_weight
         self._check_low_rank_variance()
         return self
 
@@ -357,7 +367,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
             stacklevel=3,
         )
 
-    def _maximize_evidence(self, jacobian, residuals, structured):
+    def _maximize_evidence(self, jacobian, residuals, structured, choices):
         """(noise, prior) maximising log p(y), from one eigendecomposition.
 
         The kernel J Jᵀ (or the Fisher JᵀJ) does not depend on noise and prior, so
@@ -365,32 +375,22 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         every pair (see ``SpectralEvidence``). Returns the assembled matrix too, for
         the dense solve at the optimum.
         """
-        if self.solver_ != "dense":
+        if choices.solver != "dense":
             raise ValueError(
                 "optimize=True maximises the exact evidence from a dense "
-                f"eigendecomposition, but this fit uses solver={self.solver_!r} (a "
-                f"{self.space_}-space system too large for the dense solver). Use "
+                f"eigendecomposition, but this fit uses solver={choices.solver!r} (a "
+                f"{choices.space}-space system too large for the dense solver). Use "
                 "solver='dense' if it fits in memory, or choose noise and prior by "
                 "GridSearchCV."
             )
-        r = residuals.reshape(-1)
-        if self.space_ == "function":
-            operator = KernelOperator(
-                jacobian, prior=1.0, noise=self.noise, structured=structured
-            )
-            gram = operator.gram_dense()
-            evidence = SpectralEvidence.from_kernel(gram, r)
-        else:
-            gram = ParameterOperator(jacobian, prior=1.0, noise=self.noise).gram_dense()
-            evidence = SpectralEvidence.from_fisher(
-                gram, jacobian.vjp(residuals), float(r @ r), r.numel()
-            )
+        gram, evidence = spectral_evidence(jacobian, residuals, choices.space, structured)
         best = evidence.maximize(
             self.noise,
             self.prior,
             bounds=((NOISE_LOWER_BOUND, 1e5), (1e-8, 1e5)),
             random_state=self._seed(),
         )
+        r = residuals.reshape(-1)
         if best.noise <= COLLAPSED_NOISE * float(r @ r) / r.numel():
             warnings.warn(
                 f"The evidence is maximal at noise={best.noise:.3g}, below "
@@ -418,13 +418,16 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         parts = []
         for start in range(0, X.shape[0], self.batch_size):
             chunk = X[start : start + self.batch_size]
-            variance = self._posterior.covariance(chunk, diagonal=True)
+            variance, report = self._posterior.covariance(chunk, diagonal=True)
+            self._warn_unconverged(report, "predictive variances")
             parts.append(variance.reshape(-1, self.n_outputs_))
         return torch.cat(parts).clamp_min(0.0)
 
     def _latent_covariance(self, X):
         """Joint predictive covariance over all test points and outputs, (m·k, m·k)."""
-        return self._posterior.covariance(X, diagonal=False)
+        covariance, report = self._posterior.covariance(X, diagonal=False)
+        self._warn_unconverged(report, "predictive covariance")
+        return covariance
 
     def predict(self, X, return_std=False, return_cov=False):
         """Predictive mean, and optionally std or covariance, of the latent function.
@@ -539,6 +542,7 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
             estimate = self._posterior.stochastic_log_marginal_likelihood(
                 n_probes, lanczos_steps, self._generator()
             )
+            self._warn_unconverged(estimate.solve, "the evidence's quadratic term")
             # log p = -½ log|K| + ...: half the log-determinant's standard error
             value, std_error = (
                 estimate.log_marginal_likelihood,

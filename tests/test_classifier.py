@@ -22,7 +22,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
-from sklearn_fntk import FiniteNTKClassifier, _preconditioners
+from sklearn_fntk import FiniteNTKClassifier
+from sklearn_fntk._inference.policy import Policy
 
 NAMES = np.array(["ant", "bee", "cat"])
 
@@ -101,10 +102,8 @@ def test_parameter_space_nystrom_from_a_subsample_matches_reference(
 ):
     """Newton's Nyström preconditioners sketch (n/m)·J_SᵀΛ_S J_S over random samples S
     (here 20 of 60, a new draw per Newton step); CG still solves the full system."""
-    from sklearn_fntk._jacobian import JacobianProducts
+    from sklearn_fntk._linearize.jacobian import JacobianProducts
 
-    monkeypatch.setattr(_preconditioners, "SKETCH_SAMPLES_PER_RANK", 0)
-    monkeypatch.setattr(_preconditioners, "SKETCH_MIN_SAMPLES", 20)
     drawn = []
     subsample = JacobianProducts.subsample
 
@@ -116,6 +115,7 @@ def test_parameter_space_nystrom_from_a_subsample_matches_reference(
     net, X, y, X_test, reference = reference_case
     path = PATHS["parameter-cg-nystrom"]
     clf = FiniteNTKClassifier(net, prior=2.0, tol=1e-10, random_state=0, **path)
+    clf._policy = Policy(sketch_samples_per_rank=0, sketch_min_samples=20)
     clf.fit(X, y)
     assert len(drawn) >= 2 and set(drawn) == {20}
     np.testing.assert_allclose(clf.delta_.numpy(), reference["delta"], rtol=1e-6, atol=1e-9)
@@ -226,23 +226,32 @@ def test_newton_line_search_from_confident_network(confident_task, space):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         clf = FiniteNTKClassifier(net, prior=1.0, tol=1e-10, space=space).fit(X, y)
-    assert 1 <= clf.n_iter_ <= 30
+    assert 1 <= clf.n_newton_iter_ <= 30
     np.testing.assert_allclose(clf._posterior.objective, damped[-1], rtol=1e-12)
     assert damped[-1] < full_steps[0] / 5
 
 
-def test_convergence_warning_names_max_iter_and_tol(confident_task):
+def test_convergence_warning_names_max_newton_iter_and_tol(confident_task):
     net, X, y = confident_task
-    with pytest.warns(ConvergenceWarning, match=r"max_iter=2 .*tol=1e-10"):
-        clf = FiniteNTKClassifier(net, tol=1e-10, max_iter=2).fit(X, y)
-    assert clf.n_iter_ == 2
+    with pytest.warns(ConvergenceWarning, match=r"max_newton_iter=2 .*tol=1e-10"):
+        clf = FiniteNTKClassifier(net, tol=1e-10, max_newton_iter=2).fit(X, y)
+    assert clf.n_newton_iter_ == 2
+
+
+def test_convergence_warning_names_max_iter_for_cg_steps(confident_task):
+    """max_iter bounds each CG solve, as in the regressor; the estimator warns."""
+    net, X, y = confident_task
+    clf = FiniteNTKClassifier(net, tol=1e-10, solver="cg", preconditioner=None, max_iter=1)
+    with pytest.warns(ConvergenceWarning, match=r"max_iter=1 iterations"):
+        clf.fit(X, y)
+    assert clf.n_iter_ == clf.n_newton_iter_  # one CG iteration per Newton step
 
 
 def test_n_iter_at_least_one_when_already_optimal():
     """prior → 0 pins δ at 0: the initial point is optimal, still one iteration."""
     X, y = blobs(30, 3)
     clf = FiniteNTKClassifier(mlp(), prior=1e-14).fit(X, y)
-    assert clf.n_iter_ >= 1
+    assert clf.n_newton_iter_ >= 1 and clf.n_iter_ >= 1
     assert float(clf.delta_.abs().max()) < 1e-10
 
 
@@ -277,7 +286,7 @@ def test_logit_count_mismatch_rejected(n_classes, n_logits, message):
 
 
 @pytest.mark.parametrize(
-    "params", [{"link": "logit"}, {"n_samples": 0}, {"max_iter": None}, {"prior": 0}]
+    "params", [{"link": "logit"}, {"n_samples": 0}, {"max_newton_iter": None}, {"prior": 0}]
 )
 def test_invalid_parameters_rejected(params):
     X, y = blobs(20, 2)

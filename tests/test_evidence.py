@@ -12,7 +12,10 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev, vmap
 
-from sklearn_fntk._evidence import SpectralEvidence, stochastic_log_marginal_likelihood
+from sklearn_fntk._inference.evidence import (
+    SpectralEvidence,
+    stochastic_log_marginal_likelihood,
+)
 
 NOISES = np.array([1e-2, 1e-1, 1.0, 10.0])
 PRIORS = np.array([0.1, 1.0, 10.0])

@@ -15,8 +15,12 @@ from reference import reference_jacobian, reference_posterior
 from torch.func import jvp
 
 from sklearn_fntk import FiniteNTKRegressor
-from sklearn_fntk._jacobian import EXPLICIT_MIN_COLUMNS, JacobianProducts, outputs_and_jvp
-from sklearn_fntk._network import FunctionalNetwork
+from sklearn_fntk._linearize.jacobian import (
+    EXPLICIT_MIN_COLUMNS,
+    JacobianProducts,
+    outputs_and_jvp,
+)
+from sklearn_fntk._linearize.network import FunctionalNetwork
 
 CACHED, UNCACHED = 1 << 30, 0
 RTOL = 1e-10

@@ -9,16 +9,16 @@ import torch
 from torch import nn
 from torch.func import jacrev
 
-from sklearn_fntk._cg import conjugate_gradient
-from sklearn_fntk._network import FunctionalNetwork
-from sklearn_fntk._preconditioners import (
+from sklearn_fntk._linalg.cg import conjugate_gradient
+from sklearn_fntk._linalg.preconditioners import (
     PIVOT_COST,
     JacobiPreconditioner,
     NystromPreconditioner,
     PivotedCholeskyPreconditioner,
     factor_dtype,
 )
-from sklearn_fntk._structured import LayerwiseKernel
+from sklearn_fntk._linearize.layerwise import LayerwiseKernel
+from sklearn_fntk._linearize.network import FunctionalNetwork
 
 DTYPE = torch.float64
 

@@ -17,7 +17,8 @@ from networks import (
 from reference import RelativeErrors, reference_jacobian, reference_posterior
 from sklearn.metrics import r2_score
 
-from sklearn_fntk import FiniteNTKRegressor, _posterior, _preconditioners
+from sklearn_fntk import FiniteNTKRegressor
+from sklearn_fntk._inference.policy import Policy
 
 NOISE, PRIOR = 0.1, 0.5
 # Chunks of 16 samples: neither n=30 nor m=20 is a multiple.
@@ -371,7 +372,7 @@ def test_cg_with_default_preconditioner(name, space):
     std = est.predict_std(X_test[:m])
     if est.preconditioner_ == "pivoted_cholesky":
         # Stopped for the fit's one solve; resumed for the std's many (to J's rank).
-        assert 0 < fit_rank < est._posterior._preconditioner.rank
+        assert 0 < fit_rank < est._posterior.system.preconditioner.rank
     assert_close(as_2d(mean, m), ref.mean[:m], MEAN_RTOL)
     assert_close(as_2d(std, m), ref.std[:m], STD_RTOL)
     np.testing.assert_allclose(est.log_marginal_likelihood(), ref.lml, rtol=LML_RTOL)
@@ -438,7 +439,7 @@ def _check_low_rank_variance(space, rank, random_state):
 @pytest.fixture
 def sketched(monkeypatch):
     """Force the Nyström-sketch path of the low-rank variance (no exact eigh)."""
-    monkeypatch.setattr(_posterior, "EIGEN_SIZE", 0)
+    monkeypatch.setattr(FiniteNTKRegressor, "_policy", Policy(eigen_size=0))
 
 
 # The Nyström sketch is random (seeded by random_state); the parameter-space seeds
@@ -464,7 +465,7 @@ def test_parameter_space_sketch_of_a_subsample(sketched, monkeypatch, name, vari
     max(SKETCH_SAMPLES_PER_RANK · rank / k, SKETCH_MIN_SAMPLES) random samples; CG
     still solves the full system, and the low-rank variance (its Rayleigh-Ritz step
     uses all the data) still never falls below the exact one."""
-    from sklearn_fntk._jacobian import JacobianProducts
+    from sklearn_fntk._linearize.jacobian import JacobianProducts
 
     drawn, sketched_columns = [], []
     subsample = JacobianProducts.subsample
@@ -482,14 +483,14 @@ def test_parameter_space_sketch_of_a_subsample(sketched, monkeypatch, name, vari
         return rows, products
 
     monkeypatch.setattr(JacobianProducts, "subsample", recording)
-    monkeypatch.setattr(_preconditioners, "SKETCH_SAMPLES_PER_RANK", 2)
-    monkeypatch.setattr(_preconditioners, "SKETCH_MIN_SAMPLES", 4)
     net, X, y, X_test, parameters = case(name)
     ref = reference(name)
     est = make(
         name, space="parameter", solver="cg", preconditioner="nystrom",
         variance=variance, rank=8, random_state=0, tol=1e-10,
-    ).fit(X, y)  # fmt: skip
+    )  # fmt: skip
+    est._policy = Policy(eigen_size=0, sketch_samples_per_rank=2, sketch_min_samples=4)
+    est.fit(X, y)
     k = ref.mean.shape[1]
     assert drawn == [max(-(-2 * 8 // k), 4)] and sum(sketched_columns) == est.rank_ == 8
     assert_close(as_2d(est.predict(X_test), len(X_test)), ref.mean, MEAN_RTOL)

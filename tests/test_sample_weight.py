@@ -16,9 +16,9 @@ from networks import cnn, mlp, no_jvp_net, regression_data
 from reference import RelativeErrors, reference_jacobian, reference_posterior
 
 from sklearn_fntk import FiniteNTKClassifier, FiniteNTKRegressor
-from sklearn_fntk._jacobian import EXPLICIT_MIN_COLUMNS, JacobianProducts
-from sklearn_fntk._network import FunctionalNetwork
-from sklearn_fntk._structured import LayerwiseKernel
+from sklearn_fntk._linearize.jacobian import EXPLICIT_MIN_COLUMNS, JacobianProducts
+from sklearn_fntk._linearize.layerwise import LayerwiseKernel
+from sklearn_fntk._linearize.network import FunctionalNetwork
 
 NOISE, PRIOR = 0.1, 0.5
 BATCH_SIZE = 16  # neither n = 30 nor m = 20 is a multiple

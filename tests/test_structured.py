@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.func import jacrev
 
-from sklearn_fntk._network import FunctionalNetwork
-from sklearn_fntk._structured import LayerwiseKernel, supports_structured
+from sklearn_fntk._linearize.layerwise import LayerwiseKernel, supports_structured
+from sklearn_fntk._linearize.network import FunctionalNetwork
 
 DTYPE = torch.float64
 

@@ -25,7 +25,7 @@ runs the backward graphs.
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from ._memory import check_fits
+from .._linalg.memory import check_fits
 
 __all__ = [
     "JacobianProducts",
@@ -190,12 +190,10 @@ class JacobianProducts:
         """Whether explicit Jacobian blocks beat ``n_columns`` product columns.
 
         Writing a block of per-sample Jacobians costs about as much as
-        ``EXPLICIT_MIN_COLUMNS`` product columns per output (MLP 32-128-128-1,
-        p = 20,865, n = 20,000, float32: a pass of blocks 1.6-2.7 s against 0.04 s a
-        fresh column and 0.045-0.08 s a cached one; the blocks won from about 30
-        columns, and by 60x at 450), as long as blocks of ``EXPLICIT_BLOCK_BYTES``
-        still hold ``MIN_BLOCK_ROWS`` samples (below that, per-block overhead takes
-        over).
+        ``EXPLICIT_MIN_COLUMNS`` product columns per output (measured: see
+        docs/benchmarks.rst, "Measurements behind the defaults"), as long as blocks
+        of ``EXPLICIT_BLOCK_BYTES`` still hold ``MIN_BLOCK_ROWS`` samples (below
+        that, per-block overhead takes over).
         """
         many = n_columns >= EXPLICIT_MIN_COLUMNS * self.n_outputs
         return many and self._block_rows() >= MIN_BLOCK_ROWS
@@ -280,8 +278,8 @@ class JacobianProducts:
     def _fd_column(self, v, scale):
         """One finite-difference column, by plain reverse-mode autograd at θ + εv.
 
-        Plain autograd, not ``torch.func``'s ``vmap(grad(...))``: on MLP 10-64-64-1,
-        n = 20,000, float64, batch_size 1024, it took 0.018 s a column against 0.030 s.
+        Plain autograd, not ``torch.func``'s ``vmap(grad(...))``, which was measured
+        slower (docs/benchmarks.rst, "Measurements behind the defaults").
         """
         norm = torch.linalg.vector_norm(v)
         step = torch.where(norm > 0, scale / norm, torch.ones_like(norm))

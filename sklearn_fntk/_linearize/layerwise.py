@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ._jacobian import EXPLICIT_BLOCK_BYTES, scale_rows
+from .jacobian import EXPLICIT_BLOCK_BYTES, scale_rows
 
 __all__ = ["LayerwiseKernel", "supports_structured"]
 

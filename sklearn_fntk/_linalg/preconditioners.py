@@ -23,16 +23,6 @@ import torch
 # column and the update against the earlier columns, against a kernel product and
 # the preconditioner; measured 0.13-0.19 with the layerwise kernel, n = 2000-3000).
 PIVOT_COST = 0.2
-# Nyström sketches of a Fisher (a sum over training samples) see the Fisher of this
-# many samples per unit of rank (over the output count) at most. Regression, rank
-# 512, exact products: n = 20,000, p = 4929, f64: fits of 4.5 s / 48 CG iterations
-# sketching all samples, 3.8-4.3 s / 66 with 8 per rank, 3.6-3.9 s / 77 with 4;
-# n = 100,000, p = 20,865, f32: 109 s / 301, 104 s / 417, 112 s / 499. Four per rank
-# keeps the sketch within a quarter of the fit (0.17 and 0.02 there; 0.62 and about
-# 0.28 sketching all samples).
-SKETCH_SAMPLES_PER_RANK = 4
-# ... and of at least this many samples (a small explicit rank saves little below it).
-SKETCH_MIN_SAMPLES = 1024
 # Default cap on the rank of an adaptive Nyström preconditioner (a (d, r) factor).
 NYSTROM_MAX_RANK = 512
 
@@ -41,18 +31,8 @@ __all__ = [
     "NystromPreconditioner",
     "NYSTROM_MAX_RANK",
     "PivotedCholeskyPreconditioner",
-    "sketch_samples",
+    "factor_dtype",
 ]
-
-
-def sketch_samples(n_samples, rank, n_outputs):
-    """Training samples a Nyström sketch of a Fisher (a sum over samples, k rows
-    each) sees when its rank may reach ``rank``: max(``SKETCH_SAMPLES_PER_RANK``·
-    rank/k, ``SKETCH_MIN_SAMPLES``), at most n. The sketch is of the rescaled
-    Fisher of a random subset (unbiased); the preconditioner needs the Fisher's
-    dominant subspace only roughly, and CG still solves the exact system."""
-    per_rank = -(-SKETCH_SAMPLES_PER_RANK * rank // n_outputs)
-    return min(n_samples, max(per_rank, SKETCH_MIN_SAMPLES))
 
 
 def factor_dtype(tensor):
@@ -125,7 +105,7 @@ class _NystromSketch:
         Omega, Y = self.test_matrix.to(dtype), self.image.to(dtype)
         eps = torch.finfo(dtype).eps
         # ν = √d · eps(‖Y‖_F), Frobenius for ‖Y‖₂ (at most √r larger; ‖Y‖₂ costs
-        # an SVD, 0.07 s of a 0.3 s factorisation at d = 4929, r = 512); grown
+        # an SVD, a quarter of the factorisation: docs/benchmarks.rst); grown
         # tenfold while rounding (e.g. a float32 operator that is not exactly
         # symmetric) still leaves Ωᵀ Y_ν indefinite.
         nu = self.size**0.5 * eps * float(torch.linalg.matrix_norm(Y))
@@ -229,8 +209,8 @@ class NystromPreconditioner:
         the earlier products: the total cost is r products with P for the final rank
         r, in a few blocks. The factor 4 (not their 2) keeps the number of blocks
         small: a block of columns is one pass over the data (explicit Jacobian
-        blocks), whose fixed cost dominates its per-column cost (measured: rank 16
-        1.1 s, rank 512 4.5 s at n = 20,000, p = 4929). λ̂_r ≤ ratio·μ bounds the
+        blocks), whose fixed cost dominates its per-column cost (see
+        docs/benchmarks.rst, "Measurements behind the defaults"). λ̂_r ≤ ratio·μ bounds the
         preconditioned spectrum of the unsketched directions by about
         (λ_(r+1) + μ)/(λ̂_r + μ) ≤ ratio + 1 when the sketch is accurate.
 

@@ -1,7 +1,7 @@
 """Log evidence of the linearized-network GP for many (noise, prior) pairs at once.
 
-Notation as in DESIGN.md §1: r = y - m(X) the training residuals flattened to d = n·k,
-σ² the noise variance, s the prior variance and
+Notation as in the user guide ("The method"): r = y - m(X) the training residuals
+flattened to d = n·k, σ² the noise variance, s the prior variance and
 
     K(σ², s) = s·G + σ² I,        G = J Jᵀ  (d x d; the finite NTK Gram matrix).
 
@@ -43,12 +43,15 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from ._cg import conjugate_gradient
+from .._linalg.cg import CGResult, conjugate_gradient
+from .._linalg.lanczos import stochastic_log_det
+from .operators import FunctionOperator, ParameterOperator
 
 __all__ = [
     "EvidenceOptimum",
     "SpectralEvidence",
     "StochasticEvidence",
+    "spectral_evidence",
     "stochastic_log_marginal_likelihood",
 ]
 
@@ -364,6 +367,33 @@ class SpectralEvidence:
         )
 
 
+def spectral_evidence(jacobian, residuals, space, structured=None):
+    """The Gram matrix of ``space`` and the :class:`SpectralEvidence` it gives.
+
+    Parameters
+    ----------
+    jacobian : JacobianProducts
+    residuals : torch.Tensor of shape (n, k)
+    space : {"function", "parameter"}
+        J Jᵀ (n·k x n·k) or JᵀJ (p x p).
+    structured : LayerwiseKernel or None
+        The layerwise kernel, for J Jᵀ.
+
+    Returns
+    -------
+    gram : torch.Tensor
+    evidence : SpectralEvidence
+    """
+    r = residuals.reshape(-1)
+    if space == "function":
+        operator = FunctionOperator(jacobian, prior=1.0, shift=1.0, structured=structured)
+        gram = operator.gram_dense()
+        return gram, SpectralEvidence.from_kernel(gram, r)
+    gram = ParameterOperator(jacobian, shift=1.0).gram_dense()
+    Jt_r = jacobian.vjp(residuals)
+    return gram, SpectralEvidence.from_fisher(gram, Jt_r, float(r @ r), r.numel())
+
+
 class StochasticEvidence(NamedTuple):
     """Result of :func:`stochastic_log_marginal_likelihood`.
 
@@ -378,72 +408,15 @@ class StochasticEvidence(NamedTuple):
         The stochastic Lanczos quadrature estimate of log|K|.
     quadratic : float
         rᵀK⁻¹r by conjugate gradient.
+    solve : CGResult
+        That solve's report.
     """
 
     log_marginal_likelihood: float
     log_det_std_error: float
     log_det: float
     quadratic: float
-
-
-def _lanczos(matmat, Q, steps):
-    """Lanczos tridiagonalisation of K from each column of Q, all columns at once.
-
-    Full reorthogonalisation (classical Gram-Schmidt, twice) keeps every column's basis
-    orthonormal, so T's eigenpairs are reliable Gauss quadrature nodes and weights.
-
-    Parameters
-    ----------
-    matmat : callable
-        ``matmat(V) -> K V`` for V of shape (d, j).
-    Q : torch.Tensor of shape (d, b)
-        Unit start vectors.
-    steps : int
-        Maximum Lanczos steps (at most d).
-
-    Returns
-    -------
-    alpha : torch.Tensor of shape (steps, b)
-        Diagonals of the tridiagonal T of each column.
-    beta : torch.Tensor of shape (steps, b)
-        Off-diagonals: beta[j] couples steps j and j + 1.
-    lengths : torch.Tensor of shape (b,)
-        Steps each column ran: fewer than ``steps`` when its Krylov space became
-        invariant (β = 0 up to rounding). A stopped column's vectors are 0 from then
-        on, and stay 0 under K.
-    """
-    d, b = Q.shape
-    steps = min(steps, d)
-    basis = Q.new_zeros(b, steps, d)  # basis[c, j] is q_j of column c
-    basis[:, 0] = Q.T
-    alpha, beta = Q.new_zeros(steps, b), Q.new_zeros(steps, b)
-    lengths = torch.full((b,), steps, dtype=torch.long)
-    running = torch.ones(b, dtype=torch.bool)
-    scale = Q.new_zeros(b)
-    eps = torch.finfo(Q.dtype).eps
-    for j in range(steps):
-        q = basis[:, j]
-        w = matmat(q.T).T
-        # α_j = q_jᵀ K q_j
-        alpha[j] = (q * w).sum(1)
-        # w ← K q_j - Σ_{i<=j} q_i (q_iᵀ w): the three-term recurrence, made exact
-        previous = basis[:, : j + 1]
-        for _ in range(2):
-            w = w - (previous.transpose(1, 2) @ (previous @ w[..., None]))[..., 0]
-        if j + 1 == steps:
-            break
-        norm = torch.linalg.vector_norm(w, dim=1)
-        scale = torch.maximum(scale, alpha[j].abs() + norm)
-        # β_j = ‖w‖; breakdown when it is at rounding level of ‖K‖
-        stopped = running & (norm <= d * eps * scale)
-        lengths[stopped] = j + 1
-        running &= ~stopped
-        if not bool(running.any()):
-            break
-        beta[j] = torch.where(running, norm, 0.0)
-        divisor = torch.where(running, norm, 1.0)[:, None]
-        basis[:, j + 1] = torch.where(running[:, None], w / divisor, 0.0)
-    return alpha, beta, lengths
+    solve: CGResult
 
 
 def stochastic_log_marginal_likelihood(
@@ -459,10 +432,8 @@ def stochastic_log_marginal_likelihood(
 ):
     """Matrix-free estimate of log p(y) = -½ rᵀK⁻¹r - ½ log|K| - (d/2) log 2π.
 
-    log|K| = tr log K by stochastic Lanczos quadrature: for each Rademacher probe z
-    (‖z‖² = d), Lanczos from z/√d gives T = S diag(θ) Sᵀ, and Gauss quadrature gives
-    zᵀ log(K) z ≈ d·Σ_j τ_j² log θ_j with τ_j = S[0, j]; log|K| is the mean over
-    probes. rᵀK⁻¹r by conjugate gradient.
+    log|K| by stochastic Lanczos quadrature (:func:`stochastic_log_det`), rᵀK⁻¹r by
+    conjugate gradient.
 
     Parameters
     ----------
@@ -477,7 +448,7 @@ def stochastic_log_marginal_likelihood(
     n_probes : int, default=32
         Rademacher probes (at least 2, for the standard error).
     lanczos_steps : int, default=50
-        Lanczos steps per probe (quadrature nodes).
+        Lanczos steps per probe (quadrature nodes), at least 1.
     tol : float, default=1e-6
         Relative residual at which CG stops. The CG value of rᵀK⁻¹r converges
         faster than the residual: its relative error is at most about tol²·cond(K).
@@ -496,21 +467,17 @@ def stochastic_log_marginal_likelihood(
     r = residuals.reshape(-1)
     if r.numel() != size:
         raise ValueError(f"residuals have {r.numel()} entries, expected size={size}.")
-    if n_probes < 2:
-        raise ValueError(f"n_probes must be at least 2, got {n_probes}.")
-    signs = torch.randint(0, 2, (size, n_probes), generator=generator, device=r.device)
-    probes = (2 * signs - 1).to(r.dtype)
-    alpha, beta, lengths = _lanczos(matmat, probes / math.sqrt(size), lanczos_steps)
-    per_probe = torch.empty(n_probes, dtype=torch.float64)
-    for i in range(n_probes):
-        L = int(lengths[i])
-        off_diagonal = beta[: L - 1, i]
-        T = torch.diag(alpha[:L, i]) + off_diagonal.diag(1) + off_diagonal.diag(-1)
-        theta, S = torch.linalg.eigh(T)
-        # zᵀ log(K) z ≈ ‖z‖² Σ_j τ_j² log θ_j
-        per_probe[i] = size * (S[0] ** 2 * torch.log(theta.clamp_min(noise))).sum()
-    log_det = float(per_probe.mean())
-    std_error = float(per_probe.std() / math.sqrt(n_probes))
-    quadratic = float(r @ conjugate_gradient(matmat, r, tol=tol).solution)
+    log_det, std_error = stochastic_log_det(
+        matmat,
+        size,
+        noise,
+        dtype=r.dtype,
+        device=r.device,
+        n_probes=n_probes,
+        steps=lanczos_steps,
+        generator=generator,
+    )
+    solve = conjugate_gradient(matmat, r, tol=tol)
+    quadratic = float(r @ solve.solution)
     value = -0.5 * quadratic - 0.5 * log_det - 0.5 * size * math.log(2 * math.pi)
-    return StochasticEvidence(value, std_error, log_det, quadratic)
+    return StochasticEvidence(value, std_error, log_det, quadratic, solve)

@@ -1,0 +1,259 @@
+"""Exact Gaussian posterior of the linearized network, in function or parameter space.
+
+Notation as in the user guide ("The method"): r = y - m(X) the training residuals
+(n, k) flattened to n·k, s the prior variance, σ² the noise variance,
+K = s·J Jᵀ + σ² I and A = Jᵀ J + (σ²/s) I.
+
+    δ = s·Jᵀ K⁻¹ r = A⁻¹ Jᵀ r                              (push-through identity)
+    cov(x*) = s·J* J*ᵀ - s²·(J J*ᵀ)ᵀ K⁻¹ (J J*ᵀ) = σ²·J* A⁻¹ J*ᵀ   (Woodbury)
+    log p(y) = -½ rᵀK⁻¹r - ½ log|K| - (n·k/2) log 2π, where in parameter space
+        rᵀK⁻¹r = (rᵀr - (Jᵀr)ᵀ δ) / σ²,
+        log|K| = n·k·log σ² + p·log(s/σ²) + log|A|     (matrix determinant lemma)
+
+Solves go through :class:`LinearSystem` (a Cholesky factor or preconditioned CG).
+Predictive variances are exact (a solve per test batch) or low-rank
+(:mod:`.low_rank`).
+"""
+
+import math
+
+from .evidence import stochastic_log_marginal_likelihood
+from .low_rank import low_rank_from_eigenpairs, low_rank_from_sketch
+from .operators import FunctionOperator, ParameterOperator
+from .system import LinearSystem, build_preconditioner
+
+__all__ = ["GaussianPosterior"]
+
+_ADVICE = {
+    "memory": "use solver='cg', or space='auto'",
+    "definite": "increase noise, lower prior, or use dtype='float64'",
+}
+
+
+class GaussianPosterior:
+    """Posterior over δ = w - θ given Gaussian observations of the linearized network.
+
+    The constructor stores; :meth:`fit` builds the solver and solves.
+
+    Parameters
+    ----------
+    jacobian : JacobianProducts
+        Products with J over the training inputs.
+    residuals : torch.Tensor of shape (n, k)
+    prior, noise : float
+    choices : Choices
+        Resolved space, solver, preconditioner and variance method.
+    fisher_product : {"exact", "finite_difference"}, default="exact"
+        How the parameter-space operator multiplies by JᵀJ.
+    structured : LayerwiseKernel or None, default=None
+        Per-layer kernel for function space (Linear/elementwise networks).
+    rank : int or None, default=None
+        Rank of the Nyström / pivoted Cholesky preconditioner and of the low-rank
+        variance; None grows it adaptively up to ``policy.max_rank``.
+    tol : float, default=1e-6
+    max_iter : int or None, default=None
+    policy : Policy
+
+    Attributes
+    ----------
+    operator : ParameterOperator or FunctionOperator
+    system : LinearSystem
+    delta : torch.Tensor of shape (p,)
+        Posterior mean of w - θ, after :meth:`fit`.
+    report : CGResult
+        The fit solve's report.
+    rank : int
+        Rank of the preconditioner or low-rank variance built (0 if none).
+    low_rank : LowRankVariance or None
+    """
+
+    def __init__(
+        self,
+        jacobian,
+        residuals,
+        *,
+        prior,
+        noise,
+        choices,
+        policy,
+        fisher_product="exact",
+        structured=None,
+        rank=None,
+        tol=1e-6,
+        max_iter=None,
+    ):
+        self.jacobian, self.residuals = jacobian, residuals.reshape(-1)
+        self._shape = residuals.shape
+        self.prior, self.noise, self.choices, self.policy = prior, noise, choices, policy
+        self.fisher_product, self.structured = fisher_product, structured
+        self.rank_option, self.tol, self.max_iter = rank, tol, max_iter
+
+    @property
+    def space(self):
+        return self.choices.space
+
+    def _operator(self):
+        if self.space == "function":
+            return FunctionOperator(
+                self.jacobian,
+                prior=self.prior,
+                shift=self.noise,
+                structured=self.structured,
+            )
+        return ParameterOperator(
+            self.jacobian, shift=self.noise / self.prior, fisher_product=self.fisher_product
+        )
+
+    def fit(self, *, gram=None, generator=None, callback=None):
+        """Build the solver (factor, preconditioner, low-rank variance) and solve.
+
+        Parameters
+        ----------
+        gram : torch.Tensor of shape (d, d) or None
+            J Jᵀ (function space) or JᵀJ (parameter space) already assembled, reused
+            instead of assembling it again.
+        generator : torch.Generator or None
+            Randomness of the Nyström sketches.
+        callback : callable or None
+            CG progress callback of the fit solve.
+
+        Returns
+        -------
+        self
+        """
+        choices, policy, rank = self.choices, self.policy, self.rank_option
+        operator = self._operator()
+        system = LinearSystem(
+            operator, solver=choices.solver, tol=self.tol, max_iter=self.max_iter
+        )
+        low_rank = None
+        low_rank_variance = choices.variance == "low_rank"
+        exact_eigenpairs = low_rank_variance and operator.size <= policy.eigen_size
+        if gram is None and choices.solver == "dense" and exact_eigenpairs:
+            gram = operator.gram_dense()  # assembled once for both uses
+        variance_options = dict(
+            prior=self.prior, noise=self.noise, rank=rank, policy=policy
+        )
+        if exact_eigenpairs:
+            low_rank = low_rank_from_eigenpairs(operator, gram=gram, **variance_options)
+        elif low_rank_variance:
+            low_rank = low_rank_from_sketch(
+                operator, generator=generator, **variance_options
+            )
+        preconditioner = build_preconditioner(
+            operator,
+            choices.preconditioner,
+            rank=rank,
+            tol=self.tol,
+            generator=generator,
+            policy=policy,
+            low_rank=low_rank,
+        )
+        system.build(
+            preconditioner=preconditioner,
+            gram=gram,
+            what=f"{self.space}-space system",
+            advice=_ADVICE,
+        )
+        if self.space == "function":
+            # α = K⁻¹ r ; δ = s·Jᵀ α
+            rhs = self.residuals
+            report = system.solve(rhs, callback=callback)
+            delta = self.prior * self.jacobian.vjp(report.solution.reshape(self._shape))
+        else:
+            # δ = A⁻¹ Jᵀ r
+            rhs = self.jacobian.vjp(self.residuals.reshape(self._shape))
+            report = system.solve(rhs, callback=callback)
+            delta = report.solution
+        ranks = [0 if low_rank is None else low_rank.rank]
+        ranks.append(getattr(preconditioner, "rank", 0))
+        self.operator, self.system, self.low_rank = operator, system, low_rank
+        self._rhs, self.report, self.delta = rhs, report, delta
+        self.rank = max(ranks)
+        return self
+
+    @property
+    def n_iter(self):
+        """CG iterations of the fit solve (1 for the dense solver: one direct solve)."""
+        return int(self.report.n_iter.max())
+
+    @property
+    def variance_tail_weight(self):
+        """Low-rank variance: the largest weight f/(f + c) left out; else None."""
+        return None if self.low_rank is None else self.low_rank.tail_weight
+
+    # -- predictions ------------------------------------------------------------------
+
+    def covariance(self, X, diagonal):
+        """Posterior covariance of the latent outputs J* δ at test inputs X.
+
+        Parameters
+        ----------
+        X : torch.Tensor of shape (m, ...)
+        diagonal : bool
+            Return only the variances, shape (m·k,); otherwise the (m·k, m·k)
+            covariance over test points and outputs (always exact).
+
+        Returns
+        -------
+        values : torch.Tensor
+        report : CGResult or None
+            None for the low-rank variance (no solve).
+        """
+        if diagonal and self.low_rank is not None:
+            return self.low_rank.diagonal(self.operator, X, self.prior), None
+        mode = "diagonal" if diagonal else "full"
+        return self.system.covariance(X, mode, parameter_scale=self.noise)
+
+    # -- evidence ---------------------------------------------------------------------
+
+    def stochastic_log_marginal_likelihood(self, n_probes, lanczos_steps, generator):
+        """Matrix-free estimate of log p(y) (``evidence``): SLQ for log|K|, CG.
+
+        It always works with the kernel K, built from the same Jacobian products
+        when the fit solved in parameter space.
+        """
+        kernel = self.operator
+        if self.space == "parameter":
+            kernel = FunctionOperator(self.jacobian, prior=self.prior, shift=self.noise)
+        return stochastic_log_marginal_likelihood(
+            kernel.matmat,
+            self.residuals,
+            kernel.size,
+            self.noise,
+            n_probes=n_probes,
+            lanczos_steps=lanczos_steps,
+            tol=self.tol,
+            generator=generator,
+        )
+
+    def log_marginal_likelihood(self):
+        """log p(y) at this prior and noise; exact (uses a Cholesky factor).
+
+        After a CG fit the factor of the same space is assembled here, once.
+        """
+        factor = self.system.factor
+        if factor is None:  # assembled once, kept apart from the solver's state
+            factor = self.__dict__.get("_evidence_factor")
+        if factor is None:
+            advice = {
+                **_ADVICE,
+                "memory": "use log_marginal_likelihood(method='stochastic')",
+            }
+            factor = self.system.factor_dense(None, f"{self.space}-space system", advice)
+            self._evidence_factor = factor
+        r, d = self.residuals, self.residuals.numel()
+        solution = self.report.solution
+        log_det_factor = 2.0 * factor.diagonal().log().sum()
+        if self.space == "function":
+            quadratic = r @ solution
+            log_det = log_det_factor
+        else:
+            quadratic = (r @ r - self._rhs @ solution) / self.noise
+            p = self.operator.size
+            log_det = (
+                d * math.log(self.noise)
+                + p * math.log(self.prior / self.noise)
+                + log_det_factor
+            )
+        return float(-0.5 * quadratic - 0.5 * log_det - 0.5 * d * math.log(2 * math.pi))

@@ -1,0 +1,326 @@
+"""Laplace approximation of the linearized network's softmax posterior.
+
+Notation as in the user guide ("The method"): n training points, C classes, k logits
+per point (k = C, or k = 1 for a binary network with one logit), J the (n·k) x p
+Jacobian at θ, s the prior variance, δ = w - θ, m(X) = f_θ(X) or 0 the prior mean.
+A single logit f is the two-class softmax over (0, f), since σ(f) = softmax(0, f)₂; so
+both likelihoods use the class logits F̃ = F (k = C) or F̃ = (0, F) (k = 1).
+
+MAP. The logits F = m(X) + J δ are linear in δ, so the negative log posterior
+
+    L(δ) = Σ_i v_i [logsumexp(F̃_i) - F̃_(i, y_i)] + ‖δ‖²/(2s)                  (1)
+
+(v_i the sample weights, 1 by default) is convex, with gradient and Hessian
+
+    g = Jᵀ (v ⊙ (π - Y)) + δ/s,   H = Jᵀ Λ J + I/s,   Λ_i = v_i (diag(π_i) - π_i π_iᵀ)  (2)
+
+where π_i = softmax(F̃_i) and Y is one-hot, both restricted to the network's k logits
+(k = 1: Λ_i = v_i π_i(1 - π_i)). H is the Fisher (generalized Gauss-Newton) matrix of
+the linearized model, exactly. Newton's method solves H d = -g (Cholesky, or CG:
+inexactly in parameter space, see ``LaplacePosterior._forcing``), then backtracks on
+L(δ + t·d) (Armijo): along the line the logits are F + t·J d, one JVP. It stops once
+‖g‖ ≤ tol·‖g₀‖.
+
+Solve spaces for H⁻¹. Parameter space (size p): products H V = Jᵀ(Λ(J V)) + V/s, one
+JVP and one VJP, or H assembled from Jacobian blocks (:class:`ParameterOperator` with
+the curvature Λ). Function space (size n·k, :class:`FunctionOperator`), with
+Λ^½ the blockwise symmetric square root of Λ and K = s·J Jᵀ the prior kernel:
+
+    H⁻¹ = s I - s² Jᵀ Λ^½ B⁻¹ Λ^½ J,     B = I + Λ^½ K Λ^½                    (3)
+
+(Woodbury; B is the matrix of Rasmussen & Williams 2006, Alg. 3.2, its eigenvalues
+≥ 1, and Λ may be singular as it is for softmax). Products with B are one VJP and
+one JVP; dense B comes from K, assembled once.
+
+Prediction. The Laplace posterior N(δ̂, H⁻¹) at the MAP gives, per test point, the
+logit mean μ* = m(x*) + J* δ̂ and covariance Σ* = J* H⁻¹ J*ᵀ (k x k), computed by
+:meth:`LinearSystem.covariance` (with (3) in function space), as regression's.
+"""
+
+import math
+
+import torch
+
+from .operators import FunctionOperator, ParameterOperator, blockwise, psd_sqrt
+from .system import LinearSystem, build_preconditioner
+
+__all__ = ["LaplacePosterior", "class_logits"]
+
+# Armijo's sufficient-decrease constant and the backtracking limit of the line search.
+_ARMIJO = 1e-4
+_MAX_HALVINGS = 40
+_ADVICE = {
+    "memory": "use solver='cg', or space='auto'",
+    "definite": "increase prior, or use dtype='float64' if it is not already",
+}
+
+
+def class_logits(logits, n_classes):
+    """Network logits (..., k) -> class logits (..., C): one logit f means (0, f)."""
+    if logits.shape[-1] == n_classes:
+        return logits
+    return torch.cat([torch.zeros_like(logits), logits], dim=-1)
+
+
+class LaplacePosterior:
+    """Laplace approximation N(δ̂, H⁻¹) of the linearized network's softmax posterior.
+
+    The constructor stores; :meth:`fit` finds the MAP δ̂ of eq. (1) by Newton's
+    method with a backtracking line search, then keeps H at δ̂ for predictive
+    covariances. Nothing here warns: the results say what happened.
+
+    Parameters
+    ----------
+    jacobian : JacobianProducts
+        Products with J over the training inputs (k logits per sample).
+    offsets : torch.Tensor of shape (n, k)
+        Prior mean of the logits, m(X).
+    labels : torch.Tensor of shape (n,), integer
+        Class indices in 0 .. n_classes - 1.
+    weights : torch.Tensor of shape (n,) or None
+        Sample weights v_i multiplying each sample's log-likelihood in eq. (1);
+        None for all 1.
+    n_classes : int
+        C; k must be C, or 1 when C = 2.
+    prior : float
+    choices : Choices
+        Resolved space, solver and preconditioner (rebuilt at every Newton
+        iteration: Λ changes).
+    policy : Policy
+    tol : float
+        Newton stops at ‖g‖ ≤ tol·‖g₀‖; covariances are accurate to tol.
+    max_iter : int or None
+        CG iteration limit per solve.
+    max_newton_iter : int
+        Newton iteration limit.
+
+    Attributes
+    ----------
+    delta : torch.Tensor of shape (p,)
+        The MAP δ̂.
+    n_iter : int
+        Newton iterations (at least 1).
+    cg_iterations : int
+        CG iterations summed over the Newton steps (1 per dense solve).
+    unconverged_solves : int
+        Newton steps whose CG solve stopped at ``max_iter``.
+    converged : bool
+        Whether ‖g‖ ≤ tol·‖g₀‖ was reached.
+    stalled : bool
+        Whether the line search found no decrease (the gradient at its rounding
+        floor).
+    gradient_norm, initial_gradient_norm : float
+        ‖g‖ at δ̂ and at δ = 0.
+    objective : float
+        L(δ̂), eq. (1).
+    system : LinearSystem
+        Solves with H (or B) at δ̂.
+    """
+
+    def __init__(
+        self,
+        jacobian,
+        offsets,
+        labels,
+        *,
+        weights,
+        n_classes,
+        prior,
+        choices,
+        policy,
+        tol=1e-6,
+        max_iter=None,
+        max_newton_iter=100,
+    ):
+        self.jacobian, self.offsets, self.labels = jacobian, offsets, labels
+        self.prior, self.choices, self.policy = prior, choices, policy
+        self.tol, self.max_iter, self.max_newton_iter = tol, max_iter, max_newton_iter
+        self.n_classes, self.n_logits = n_classes, jacobian.n_outputs
+        self._weights = torch.ones_like(offsets[:, 0]) if weights is None else weights
+        # Y restricted to the network's logits: the last k of the C one-hot columns.
+        one_hot = torch.nn.functional.one_hot(labels, n_classes).to(offsets.dtype)
+        self._targets = one_hot[:, n_classes - self.n_logits :]
+
+    def fit(self, *, generator=None, callback=None, report=None):
+        """Find the MAP by Newton's method and build H there.
+
+        Parameters
+        ----------
+        generator : torch.Generator or None
+            For the Nyström sketches.
+        callback : callable or None
+            CG progress callback for the Newton steps.
+        report : callable or None
+            Called as ``report(iteration, objective, gradient_norm, step_size,
+            cg_iterations)`` after every Newton iteration.
+
+        Returns
+        -------
+        self
+        """
+        self._generator = generator
+        self._gram = None
+        if self.choices.space == "function" and self.choices.solver == "dense":
+            # G = J Jᵀ, assembled once: only Λ changes between Newton iterations
+            self._gram = FunctionOperator(self.jacobian, prior=1.0, shift=1.0).gram_dense()
+        probs = self._newton(callback, report)
+        self.system = self._system(probs)
+        return self
+
+    def _system(self, probs):
+        """The solver of H at the probabilities π: Λ_i = v_i (diag(π_i) - π_i π_iᵀ)."""
+        curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+        curvature = self._weights[:, None, None] * curvature
+        if self.choices.space == "parameter":
+            operator = ParameterOperator(
+                self.jacobian, shift=1.0 / self.prior, curvature=curvature
+            )
+            what = "Laplace precision H"
+        else:
+            operator = FunctionOperator(
+                self.jacobian, prior=self.prior, shift=1.0, root=psd_sqrt(curvature)
+            )
+            what = "Laplace system B"
+        system = LinearSystem(
+            operator, solver=self.choices.solver, tol=self.tol, max_iter=self.max_iter
+        )
+        preconditioner = build_preconditioner(
+            operator,
+            self.choices.preconditioner,
+            rank=None,
+            tol=self.tol,
+            generator=self._generator,
+            policy=self.policy,
+        )
+        return system.build(
+            preconditioner=preconditioner, gram=self._gram, what=what, advice=_ADVICE
+        )
+
+    def _inverse(self, system, G, tol, callback):
+        """H⁻¹ G for G of shape (p, m), and the CG report.
+
+        Function space, eq. (3): H⁻¹ G = s G - s Jᵀ Λ^½ B⁻¹ Λ^½ J (s G).
+        """
+        if self.choices.space == "parameter":
+            result = system.solve(G, tol=tol, callback=callback)
+            return result.solution, result
+        root = system.operator.root
+        sG = self.prior * G
+        rhs = blockwise(root, self.jacobian.jvp(sG))
+        result = system.solve(rhs.reshape(system.size, -1), tol=tol, callback=callback)
+        back = blockwise(root, result.solution.reshape(rhs.shape))
+        return sG - self.prior * self.jacobian.vjp(back), result
+
+    # -- eqs. (1) and (2) ---------------------------------------------------------------
+
+    def _objective(self, logits, delta):
+        """L(δ) of eq. (1) and the network-logit probabilities π, shape (n, k)."""
+        log_probs = torch.log_softmax(class_logits(logits, self.n_classes), dim=-1)
+        nll = -(self._weights * log_probs.gather(1, self.labels[:, None])[:, 0]).sum()
+        probs = log_probs.exp()[:, self.n_classes - self.n_logits :]
+        return float(nll + delta @ delta / (2 * self.prior)), probs
+
+    def _misfit(self, probs):
+        """v ⊙ (π - Y), shape (n, k): the likelihood's gradient in the logits."""
+        return self._weights[:, None] * (probs - self._targets)
+
+    def _gradient(self, probs, delta):
+        """g = Jᵀ (v ⊙ (π - Y)) + δ/s, eq. (2)."""
+        return self.jacobian.vjp(self._misfit(probs)) + delta / self.prior
+
+    # -- Newton's method ------------------------------------------------------------------
+
+    def _newton(self, callback, report):
+        """Minimize eq. (1); sets the Newton attributes (see the class docstring).
+
+        Returns the probabilities π at δ̂.
+        """
+        delta = self.offsets.new_zeros(self.jacobian.n_params)
+        logits = self.offsets.clone()
+        objective, probs = self._objective(logits, delta)
+        gradient = self._gradient(probs, delta)
+        initial_norm = gradient_norm = float(torch.linalg.vector_norm(gradient))
+        stopping = self.tol * initial_norm
+        self.cg_iterations = self.unconverged_solves = 0
+        self.converged = self.stalled = False
+        for iteration in range(1, self.max_newton_iter + 1):
+            system = self._system(probs)
+            forcing = self._forcing(gradient_norm, initial_norm)
+            step, solve = self._inverse(system, -gradient[:, None], forcing, callback)
+            cg_iterations = int(solve.n_iter.max())
+            self.cg_iterations += cg_iterations
+            self.unconverged_solves += not solve.all_converged
+            step = step[:, 0]
+            direction = self.jacobian.jvp(step)  # J d: the logits move by t·J d
+            accepted = self._line_search(
+                logits, delta, objective, gradient, step, direction
+            )
+            if accepted is None:
+                self.stalled = True
+                break
+            step_size, objective, probs = accepted
+            delta = delta + step_size * step
+            logits = logits + step_size * direction
+            gradient = self._gradient(probs, delta)
+            gradient_norm = float(torch.linalg.vector_norm(gradient))
+            if report is not None:
+                report(iteration, objective, gradient_norm, step_size, cg_iterations)
+            if gradient_norm <= stopping:
+                self.converged = True
+                break
+        self.delta, self.n_iter = delta, iteration
+        self.objective, self.gradient_norm = objective, gradient_norm
+        self.initial_gradient_norm = initial_norm
+        return probs
+
+    def _forcing(self, gradient_norm, initial_norm):
+        """CG tolerance of a Newton step (inexact Newton).
+
+        In parameter space the CG residual is the Newton residual H d + g, so it need
+        only shrink with the gradient: η = min(½, √(‖g‖/‖g₀‖)) (Eisenstat & Walker
+        1996). In function space a residual r of B maps to the Newton residual
+        -Jᵀ Λ^½ r, up to ‖B - I‖ times larger, so CG runs to tol there.
+        """
+        if self.choices.space == "function" or initial_norm == 0:
+            return self.tol
+        return min(0.5, math.sqrt(gradient_norm / initial_norm))
+
+    def _line_search(self, logits, delta, objective, gradient, step, direction):
+        """Backtracking on φ(t) = L(δ + t·d); returns (t, φ(t), π(t)) or None.
+
+        t is accepted under Armijo's condition φ(t) ≤ φ(0) + c·t·φ'(0), or when
+        φ'(t) ≤ 0: φ is convex, so then φ(t) ≤ φ(0) + t·φ'(t) ≤ φ(0). The second test
+        still decides near the optimum, where rounding hides the decrease of φ.
+        """
+        slope = float(gradient @ step)
+        step_size = 1.0
+        for _ in range(_MAX_HALVINGS):
+            trial = delta + step_size * step
+            trial_objective, probs = self._objective(logits + step_size * direction, trial)
+            # φ'(t) = (v ⊙ (π(t) - Y))·J d + (δ + t·d)·d / s
+            derivative = float(
+                (self._misfit(probs) * direction).sum() + trial @ step / self.prior
+            )
+            armijo = trial_objective <= objective + _ARMIJO * step_size * slope
+            if armijo or derivative <= 0:
+                return step_size, trial_objective, probs
+            step_size /= 2
+        return None
+
+    # -- prediction -----------------------------------------------------------------------
+
+    # -- prediction -----------------------------------------------------------------------
+
+    def covariance(self, X):
+        """Predictive logit covariances Σ* = J* H⁻¹ J*ᵀ, one (k, k) block per test point.
+
+        Parameters
+        ----------
+        X : torch.Tensor of shape (m, ...)
+
+        Returns
+        -------
+        values : torch.Tensor of shape (m, k, k)
+        report : CGResult
+        """
+        return self.system.covariance(X, "blocks", parameter_scale=1.0)

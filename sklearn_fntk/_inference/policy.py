@@ -1,0 +1,133 @@
+"""The numerical policy of a fit: sizes, ranks and thresholds, in one object.
+
+Every "auto" choice and every adaptive stop reads its constants from a
+:class:`Policy`, which the estimators pass down, so that tests (and benchmarks) set a
+value instead of patching a module. How the defaults were measured is recorded in
+docs/benchmarks.rst.
+"""
+
+from dataclasses import dataclass
+
+__all__ = ["Choices", "Policy", "resolve_choices"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Constants of the automatic choices and adaptive stops.
+
+    Attributes
+    ----------
+    dense_max_size : int, default=4096
+        ``solver="auto"`` picks the dense (Cholesky) solver up to this system size.
+    eigen_size : int, default=4096
+        The low-rank variance takes exact eigenpairs (one ``eigh`` of J Jᵀ or JᵀJ) up
+        to this system size, and a Nyström sketch above it.
+    low_rank_weight : float, default=0.01
+        The low-rank variance keeps the directions of JᵀJ whose weight f/(f + c)
+        exceeds this; a sketch grows until its last weight is at most this.
+    low_rank_bytes : int, default=2**29
+        Memory cap on the low-rank variance's factor (p, r): it bounds r.
+    nystrom_ratio : float, default=10.0
+        An adaptive Nyström preconditioner grows until λ̂_r ≤ this times the shift.
+    max_rank : int, default=512
+        Cap on adaptive Nyström and pivoted Cholesky ranks.
+    sketch_samples_per_rank : int, default=4
+        A parameter-space sketch of a Fisher (a sum over samples) sees the Fisher of
+        this many random samples per unit of rank over the output count ...
+    sketch_min_samples : int, default=1024
+        ... and of at least this many.
+    """
+
+    dense_max_size: int = 4096
+    eigen_size: int = 4096
+    low_rank_weight: float = 0.01
+    low_rank_bytes: int = 1 << 29
+    nystrom_ratio: float = 10.0
+    max_rank: int = 512
+    sketch_samples_per_rank: int = 4
+    sketch_min_samples: int = 1024
+
+    def sketch_samples(self, n_samples, rank, n_outputs):
+        """Training samples a Nyström sketch of a Fisher (a sum over samples, k rows
+        each) sees when its rank may reach ``rank``: max(``sketch_samples_per_rank``
+        · rank/k, ``sketch_min_samples``), at most n. The sketch is of the rescaled
+        Fisher of a random subset (unbiased); the preconditioner needs the Fisher's
+        dominant subspace only roughly, and CG still solves the exact system."""
+        per_rank = -(-self.sketch_samples_per_rank * rank // n_outputs)
+        return min(n_samples, max(per_rank, self.sketch_min_samples))
+
+
+@dataclass(frozen=True)
+class Choices:
+    """Every "auto" resolved: what a fit does, reported in fitted attributes.
+
+    Attributes
+    ----------
+    space : {"function", "parameter"}
+    solver : {"dense", "cg"}
+    preconditioner : {"jacobi", "nystrom", "pivoted_cholesky"} or None
+        None for the dense solver, or when none was asked for.
+    variance : {"exact", "low_rank"}
+    """
+
+    space: str
+    solver: str
+    preconditioner: str | None
+    variance: str
+
+
+def resolve_choices(
+    *,
+    space,
+    solver,
+    preconditioner,
+    variance,
+    n_rows,
+    n_params,
+    layerwise,
+    policy,
+):
+    """Resolve every "auto" of a fit, in one place.
+
+    Parameters
+    ----------
+    space : {"auto", "function", "parameter"}
+        "auto": the smaller system (n·k rows against p parameters).
+    solver : {"auto", "dense", "cg"}
+        "auto": dense up to ``policy.dense_max_size``.
+    preconditioner : {"auto", "jacobi", "nystrom", "pivoted_cholesky"} or None
+        "auto": the low-rank variance's eigenpairs where there are some (Nyström, no
+        further products), else pivoted Cholesky where kernel columns are cheap (the
+        layerwise kernel in function space), else Nyström.
+    variance : {"auto", "exact", "low_rank"}
+        "auto": exact with the dense solver, low-rank with CG.
+    n_rows, n_params : int
+        n·k and p.
+    layerwise : bool
+        Whether the layerwise kernel applies to the network (in function space).
+    policy : Policy
+
+    Returns
+    -------
+    Choices
+    """
+    if space == "auto":
+        space = "function" if n_rows <= n_params else "parameter"
+    if preconditioner == "pivoted_cholesky" and space != "function":
+        raise ValueError(
+            "preconditioner='pivoted_cholesky' needs kernel columns, so it works in "
+            f"function space only; this fit solves in {space} space. Use "
+            "space='function' or preconditioner='nystrom'."
+        )
+    size = n_rows if space == "function" else n_params
+    if solver == "auto":
+        solver = "dense" if size <= policy.dense_max_size else "cg"
+    if variance == "auto":  # exact variances cost a CG solve per test batch
+        variance = "exact" if solver == "dense" else "low_rank"
+    if solver == "dense":
+        preconditioner = None  # nothing to precondition
+    elif preconditioner == "auto":
+        cheap_columns = space == "function" and layerwise
+        use_pivoted = cheap_columns and variance != "low_rank"
+        preconditioner = "pivoted_cholesky" if use_pivoted else "nystrom"
+    return Choices(space, solver, preconditioner, variance)
