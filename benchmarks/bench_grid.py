@@ -48,6 +48,7 @@ from sklearn_fntk._inference.evidence import (
     SpectralEvidence,
     stochastic_log_marginal_likelihood,
 )
+from sklearn_fntk._inference.hyperparameters import maximize_evidence
 from sklearn_fntk._linearize.layerwise import LayerwiseKernel
 from sklearn_fntk._linearize.network import FunctionalNetwork
 
@@ -272,7 +273,7 @@ def evidence_comparison(net, X, y):
     evidence = SpectralEvidence.from_kernel(J @ J.T, r)
     eigh_time = time.perf_counter() - start
     start = time.perf_counter()
-    best = evidence.maximize(0.1, 0.1, random_state=0)
+    best = maximize_evidence(evidence, (0.1, 0.1), bounds=((1e-8, 1e5), (1e-8, 1e5)))
     maximize_time = time.perf_counter() - start
     noise, prior = best.noise, best.prior
 

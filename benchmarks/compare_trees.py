@@ -23,17 +23,18 @@ measured, and its stdout and stderr are written to ``--logdir`` (default
 prints, per tree, the times, their median and minimum, and the ratios after/before
 of the medians and of the minima; the exit status is 1 if any run failed.
 
-Recommended invocations (measured on 2 shared cores, one torch thread, 2026 code):
+Recommended invocations (times measured at commit d65e4f5 on 2 shared CPU cores):
 
 ``benchmarks/bench_core.py --quick --threads 1 --sizes 2000``
-    About 75 s a run: (a) the kernel products at n = 2000 and (b) fit + predict at
+    75-95 s a run: (a) the kernel products at n = 2000 and (b) fit + predict at
     n = 2000 with every solver row (the explicit-Jacobian reference, 25 s of it,
     runs no package code and so is a control; peak RSS 3.2 GiB). Without
     ``--sizes 2000``, ``--quick`` also runs (a) at n = 20000. The script prints its
     own finer timings and ratios into each log; compare those too.
 
 ``benchmarks/bench_scale.py big --quick``
-    About 35 s a run (n = 10,000 in float32, CG with Nyström, low-rank variance).
+    About 35 s a run (n = 10,000 in float32, CG with Nyström, low-rank variance;
+    with ``--env OMP_NUM_THREADS=1``).
     The other experiments with ``--quick`` take about 20 s (``fvp``), 15 s
     (``reference``, ``low_rank``) and 8 s (``nystrom``): use ``--repeats 5`` or
     more for those. bench_scale.py has no thread option: pass ``--env

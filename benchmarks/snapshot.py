@@ -66,7 +66,6 @@ REGRESSOR_DEFAULTS = dict(
     fisher_product="exact",
     variance="exact",
     rank=None,
-    optimize=False,
     tol=CG_TOL,
     max_iter=5000,
     batch_size=BATCH_SIZE,
@@ -249,8 +248,8 @@ def regressor_cases(problems):
             plain,
         )
     for space in ("function", "parameter"):
-        params = dict(solver="dense", space=space, optimize=True)
-        yield f"reg/mlp1/dense/{space}/optimize", "mlp1", params, plain
+        params = dict(solver="dense", space=space, noise="auto", prior="auto")
+        yield f"reg/mlp1/dense/{space}/evidence", "mlp1", params, plain
         params = dict(
             solver="cg", space=space, preconditioner="nystrom", variance="low_rank"
         )

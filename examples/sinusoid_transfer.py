@@ -12,9 +12,9 @@ uses noise 0.01·A; the tasks here follow the usual amplitude-and-phase family.)
 ways to adapt to a task from its context points are compared:
 
 - **finite NTK**: :class:`~sklearn_fntk.FiniteNTKRegressor` on the trained network,
-  a Gaussian process with prior mean f_θ(x) and kernel prior · J(x) J(x')ᵀ; ``noise``
-  and ``prior`` are fitted per task by maximising the log marginal likelihood
-  (``optimize=True``);
+  a Gaussian process with prior mean f_θ(x) and kernel prior · J(x) J(x')ᵀ, with its
+  defaults: ``noise`` and ``prior`` are fitted per task by maximising the log
+  marginal likelihood (with a weak hyperprior on the noise);
 - **fine-tuning**: all weights trained further by full-batch Adam on the squared
   error; the learning rate and the number of steps are chosen once, on validation
   tasks drawn apart from the test tasks. It gives no predictive distribution, so its
@@ -129,8 +129,8 @@ def network_predict(network, x):
 
 
 def adapt_finite_ntk(network, task):
-    """FiniteNTKRegressor with noise and prior by maximising the evidence."""
-    regressor = FiniteNTKRegressor(network, optimize=True, random_state=0)
+    """FiniteNTKRegressor with its defaults: noise and prior by the evidence."""
+    regressor = FiniteNTKRegressor(network, random_state=0)
     regressor.fit(task.x_context, task.y_context)
     mean = regressor.predict(TEST_X)
     return mean, regressor.predict_std(TEST_X, include_noise=True)

@@ -16,6 +16,7 @@ from sklearn_fntk._inference.evidence import (
     SpectralEvidence,
     stochastic_log_marginal_likelihood,
 )
+from sklearn_fntk._inference.hyperparameters import maximize_evidence
 
 NOISES = np.array([1e-2, 1e-1, 1.0, 10.0])
 PRIORS = np.array([0.1, 1.0, 10.0])
@@ -29,6 +30,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+BOUNDS = ((1e-8, 1e5), (1e-8, 1e5))
 
 
 def random_jacobian(n, p, seed):
@@ -205,7 +209,7 @@ def test_maximize_recovers_the_noise_of_an_ntk_draw():
     r = J @ w + eps
     function_space = SpectralEvidence.from_kernel(J @ J.T, r)
     parameter_space = SpectralEvidence.from_fisher(J.T @ J, J.T @ r, r @ r, n)
-    best = function_space.maximize(1.0, 1.0, random_state=0)
+    best = maximize_evidence(function_space, (1.0, 1.0), bounds=BOUNDS)
     assert best.converged
     assert best.noise == pytest.approx(noise, rel=0.2)
     truth = function_space.log_marginal_likelihood(noise, prior)
@@ -215,7 +219,7 @@ def test_maximize_recovers_the_noise_of_an_ntk_draw():
         best.noise, best.prior, eval_gradient=True
     )
     np.testing.assert_allclose(gradient, 0.0, atol=1e-3)
-    other = parameter_space.maximize(1.0, 1.0, random_state=0)
+    other = maximize_evidence(parameter_space, (1.0, 1.0), bounds=BOUNDS)
     assert other.noise == pytest.approx(best.noise, rel=1e-4)
     assert other.prior == pytest.approx(best.prior, rel=1e-4)
 
@@ -226,7 +230,9 @@ def test_maximize_respects_bounds():
         60, dtype=torch.float64
     )
     evidence = SpectralEvidence.from_kernel(J @ J.T, r)
-    best = evidence.maximize(bounds=((0.5, 2.0), (1e-3, 1e3)), n_restarts=1, random_state=0)
+    best = maximize_evidence(
+        evidence, (1.0, 1.0), bounds=((0.5, 2.0), (1e-3, 1e3)), n_restarts=1
+    )
     assert best.noise == pytest.approx(0.5)  # the true 0.01 lies below the bound
 
 

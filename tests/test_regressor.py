@@ -436,10 +436,18 @@ def _check_low_rank_variance(space, rank, random_state):
     assert_close(est.predict(X_test), ref.mean[:, 0], MEAN_RTOL)
 
 
+@pytest.fixture(autouse=True)
+def cg_variances(monkeypatch):
+    """Exact variances with CG by CG solves (the path under test here), not from the
+    dense factor that ``variance_factor_max_size`` allows (tested on its own)."""
+    monkeypatch.setattr(FiniteNTKRegressor, "_policy", Policy(variance_factor_max_size=0))
+
+
 @pytest.fixture
 def sketched(monkeypatch):
     """Force the Nyström-sketch path of the low-rank variance (no exact eigh)."""
-    monkeypatch.setattr(FiniteNTKRegressor, "_policy", Policy(eigen_size=0))
+    policy = Policy(eigen_size=0, variance_factor_max_size=0)
+    monkeypatch.setattr(FiniteNTKRegressor, "_policy", policy)
 
 
 # The Nyström sketch is random (seeded by random_state); the parameter-space seeds
@@ -489,7 +497,10 @@ def test_parameter_space_sketch_of_a_subsample(sketched, monkeypatch, name, vari
         name, space="parameter", solver="cg", preconditioner="nystrom",
         variance=variance, rank=8, random_state=0, tol=1e-10,
     )  # fmt: skip
-    est._policy = Policy(eigen_size=0, sketch_samples_per_rank=2, sketch_min_samples=4)
+    est._policy = Policy(
+        eigen_size=0, sketch_samples_per_rank=2, sketch_min_samples=4,
+        variance_factor_max_size=0,
+    )  # fmt: skip
     est.fit(X, y)
     k = ref.mean.shape[1]
     assert drawn == [max(-(-2 * 8 // k), 4)] and sum(sketched_columns) == est.rank_ == 8
@@ -627,3 +638,20 @@ def test_auto_variance_follows_the_solver_and_a_short_low_rank_sketch_warns():
     with pytest.warns(UserWarning, match="Increase rank, or use variance='exact'"):
         short = make_solver(name, "function", "cg", rank=2, variance="auto").fit(X, y)
     assert short.variance_ == "low_rank" and short.rank_ == 2
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+@pytest.mark.parametrize("name", ["multi3", "cnn"])
+def test_cg_fit_exact_variances_from_a_dense_factor(monkeypatch, name, space):
+    """variance="auto" with CG: exact, from one dense factor of the system assembled
+    at fit time (up to variance_factor_max_size)."""
+    monkeypatch.setattr(FiniteNTKRegressor, "_policy", Policy())
+    _, X, y, X_test, _ = case(name)
+    ref = reference(name)
+    est = make(name, space=space, solver="cg", tol=1e-10).fit(X, y)
+    assert est.variance_ == "exact"
+    assert est._posterior.variance_system.factor is not None
+    m = len(X_test)
+    std = est.predict_std(X_test)
+    assert_close(as_2d(std, m), ref.std, 1e-9)
+    assert_close(as_2d(est.predict(X_test), m), ref.mean, MEAN_RTOL)

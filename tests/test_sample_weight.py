@@ -16,6 +16,7 @@ from networks import cnn, mlp, no_jvp_net, regression_data
 from reference import RelativeErrors, reference_jacobian, reference_posterior
 
 from sklearn_fntk import FiniteNTKClassifier, FiniteNTKRegressor
+from sklearn_fntk._inference.policy import Policy
 from sklearn_fntk._linearize.jacobian import EXPLICIT_MIN_COLUMNS, JacobianProducts
 from sklearn_fntk._linearize.layerwise import LayerwiseKernel
 from sklearn_fntk._linearize.network import FunctionalNetwork
@@ -32,6 +33,12 @@ ERRORS = RelativeErrors("test_sample_weight", ["mean", "std", "lml", "repeat", "
 def _report_errors():
     yield
     print(ERRORS.report())
+
+
+@pytest.fixture(autouse=True)
+def cg_variances(monkeypatch):
+    """Exact variances with CG by CG solves, the weighted path under test here."""
+    monkeypatch.setattr(FiniteNTKRegressor, "_policy", Policy(variance_factor_max_size=0))
 
 
 def assert_close(key, actual, expected, rtol):
@@ -155,7 +162,7 @@ def test_stochastic_log_marginal_likelihood_is_weighted(space):
     est = fitted("multi3", space, "dense")
     exact = est.log_marginal_likelihood()
     estimate, std_error = est.log_marginal_likelihood(
-        "stochastic", n_probes=64, lanczos_steps=80, return_std_error=True
+        method="stochastic", n_probes=64, lanczos_steps=80, return_std_error=True
     )
     n = len(case("multi3")[1])
     assert abs(estimate - exact) < 4 * std_error + 1e-3 * n
@@ -263,7 +270,7 @@ def test_log_marginal_likelihood_of_uniform_weights():
     np.testing.assert_allclose(weighted, halved, rtol=1e-12)
 
 
-# -- optimize=True ------------------------------------------------------------------------
+# -- noise="auto" -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("space", ["function", "parameter"])
@@ -281,7 +288,7 @@ def test_optimize_recovers_heteroscedastic_noise(space):
     delta = rng.normal(size=J.shape[1])
     w = rng.uniform(0.1, 10.0, size=n)
     y = f.numpy()[:, 0] + J.numpy() @ delta + 0.1 / np.sqrt(w) * rng.normal(size=n)
-    options = dict(noise=1.0, prior=1.0, space=space, optimize=True, random_state=0)
+    options = dict(space=space, random_state=0)
     weighted = FiniteNTKRegressor(net, **options).fit(X, y, sample_weight=w)
     assert abs(weighted.noise_ - 0.01) < 0.2 * 0.01
     # without the weights the noise is about the average of 0.01/w_i: far from 0.01

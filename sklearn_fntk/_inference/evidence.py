@@ -41,14 +41,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
 from .._linalg.cg import CGResult, conjugate_gradient
-from .._linalg.lanczos import stochastic_log_det
+from .._linalg.lanczos import quadrature, rademacher, stochastic_log_det
 from .operators import FunctionOperator, ParameterOperator
 
 __all__ = [
-    "EvidenceOptimum",
     "SpectralEvidence",
     "StochasticEvidence",
     "spectral_evidence",
@@ -73,25 +71,6 @@ def _rounding_level(eigenvalues, dim):
     return dim * torch.finfo(torch.float64).eps * eigenvalues.max().clamp_min(0.0)
 
 
-class EvidenceOptimum(NamedTuple):
-    """Result of :meth:`SpectralEvidence.maximize`.
-
-    Attributes
-    ----------
-    noise, prior : float
-        The maximiser (σ², s).
-    log_marginal_likelihood : float
-        log p(y) there.
-    converged : bool
-        Whether L-BFGS-B reported success for the best start.
-    """
-
-    noise: float
-    prior: float
-    log_marginal_likelihood: float
-    converged: bool
-
-
 class SpectralEvidence:
     """Exact log evidence for any (noise, prior) from one eigendecomposition.
 
@@ -103,7 +82,8 @@ class SpectralEvidence:
     ----------
     eigenvalues : array-like of shape (m,)
         Eigenvalues λ of G kept (negative rounding values are set to 0); the other
-        d - m eigenvalues of G are 0.
+        d - m eigenvalues of G are 0. In function space all d (eq. (1) sums over
+        them), or the nodes of a quadrature (:meth:`from_lanczos`).
     coefficients : array-like of shape (m,)
         z_i = u_iᵀ r, the residuals projected on the matching unit eigenvectors of G.
     residual_sq_norm : float
@@ -114,7 +94,12 @@ class SpectralEvidence:
         Eigenvectors U of G (``space="function"``, all d of them) or V of F
         (``space="parameter"``); only :meth:`posterior_mean_coefficients` needs them.
     space : {"function", "parameter"}, default="function"
-        Which eigenvectors ``vectors`` holds.
+        Which eigenvectors ``vectors`` holds, and the form of rᵀK⁻¹r: eq. (1) in
+        function space, eq. (2) in parameter space, where the eigenvalues are F's.
+    log_det : tuple (nodes, weights, n_null) or None, default=None
+        A quadrature for log|K| in place of the eigenvalues': log|K| =
+        Σ_i w_i log(s·μ_i + σ²) + n_null·log σ² (see :meth:`from_lanczos`). None:
+        the eigenvalues with weight 1 and ``n_null`` = d - m.
 
     Attributes
     ----------
@@ -133,6 +118,7 @@ class SpectralEvidence:
         *,
         vectors=None,
         space="function",
+        log_det=None,
     ):
         self.eigenvalues = _float64(eigenvalues).reshape(-1).clamp_min(0.0)
         self.coefficients = _float64(coefficients).reshape(-1)
@@ -151,6 +137,12 @@ class SpectralEvidence:
             raise ValueError("Function-space vectors must be all d eigenvectors of G.")
         self.n_null = self.size - m
         self.space = space
+        if log_det is None:
+            log_det = (self.eigenvalues, torch.ones_like(self.eigenvalues), self.n_null)
+        nodes, weights, n_null = log_det
+        self._log_det_nodes = _float64(nodes).reshape(-1).clamp_min(0.0)
+        self._log_det_weights = _float64(weights).reshape(-1)
+        self._log_det_null = float(n_null)
         self.vectors = None if vectors is None else _float64(vectors)
         # λ_i z_i² (= c_i² in parameter space), the numerator of eq. (2)
         self._weighted = self.eigenvalues * self.coefficients**2
@@ -224,6 +216,76 @@ class SpectralEvidence:
         z = (V.T @ Jt_r) / f.sqrt()
         return cls(f, z, residual_sq_norm, size, vectors=V, space="parameter")
 
+    @classmethod
+    def from_lanczos(cls, matmat, start, *, space, size, residual_sq_norm, options):
+        """Lanczos quadrature of the spectrum of G = J Jᵀ (function space) or
+        F = JᵀJ (parameter space), matrix-free, for every (σ², s) at once.
+
+        The Krylov spaces of G (or F) are those of s·G + σ² I for every s and σ²:
+        one Lanczos run from r (function space; from Jᵀr in parameter space) gives
+        the Gauss quadrature of rᵀ(sG + σ²I)⁻¹r, eq. (1) (or of eq. (2)), and runs
+        from Rademacher probes the stochastic Lanczos quadrature of
+        log|K| = tr log(sG + σ²I) (in parameter space, eq. (3) with the d - p null
+        directions counted exactly). The quadratic term is exact once the steps
+        reach the number of distinct eigenvalues; the log-determinant has the
+        probes' sampling error.
+
+        Parameters
+        ----------
+        matmat : callable
+            ``matmat(V) -> G V`` (or F V) for V of shape (d, m) (or (p, m)).
+        start : torch.Tensor of shape (d,) or (p,)
+            r, or Jᵀ r.
+        space : {"function", "parameter"}
+        size : int
+            d = n·k.
+        residual_sq_norm : float
+            ‖r‖².
+        options : dict
+            ``quadratic_steps``, ``log_det_steps``, ``n_probes``, ``generator``.
+
+        Returns
+        -------
+        SpectralEvidence
+        """
+        order = start.numel()
+        start_norm = float(torch.linalg.vector_norm(start))
+        if start_norm == 0.0:  # r (or Jᵀr) is 0: the quadratic term needs no nodes
+            nodes, weights = start.new_zeros(1, dtype=torch.float64), start.new_zeros(1)
+        else:
+            (rule,) = quadrature(matmat, start[:, None], options["quadratic_steps"])
+            nodes, weights = rule
+        n_probes = options["n_probes"]
+        probes = rademacher(
+            order, n_probes, dtype=start.dtype, device=start.device,
+            generator=options["generator"],
+        )  # fmt: skip
+        rules = quadrature(matmat, probes, options["log_det_steps"])
+        log_det_nodes = torch.cat([rule_nodes for rule_nodes, _ in rules])
+        log_det_weights = torch.cat([w * order / n_probes for _, w in rules])
+        log_det = (log_det_nodes, log_det_weights, size - order)
+        nodes = nodes.clamp_min(0.0)
+        if space == "function":
+            # rᵀ f(G) r ≈ ‖r‖² Σ_j τ_j² f(θ_j): z_j = ‖r‖ τ_j
+            return cls(
+                nodes, start_norm * weights.sqrt(), residual_sq_norm, size,
+                log_det=log_det,
+            )  # fmt: skip
+        # eq. (2) needs c_j² = λ_j z_j² = ‖Jᵀr‖² τ_j²
+        z = (
+            start_norm
+            * weights.sqrt()
+            / nodes.clamp_min(torch.finfo(nodes.dtype).tiny).sqrt()
+        )
+        evidence = cls(nodes, z, residual_sq_norm, size, space="parameter", log_det=log_det)
+        evidence._weighted = start_norm**2 * weights
+        return evidence
+
+    def mean_kernel_diagonal(self):
+        """tr(G)/d, the mean prior variance per observation at s = 1 (from the
+        log-determinant's nodes: exact, or the quadrature's estimate)."""
+        return float((self._log_det_weights * self._log_det_nodes).sum()) / self.size
+
     # -- evaluation ---------------------------------------------------------------------
 
     @staticmethod
@@ -244,14 +306,16 @@ class SpectralEvidence:
         lam, z2 = self.eigenvalues, self.coefficients**2
         sigma2, s = noise[:, None], prior[:, None]
         D = s * lam + sigma2  # (b, m)
-        if self.n_null == 0:
+        if self.space == "function":
             quadratic = (z2 / D).sum(1)  # eq. (1)
         else:
             quadratic = (self.residual_sq_norm - (s * self._weighted / D).sum(1)) / noise
-        log_det = torch.log(D).sum(1) + self.n_null * torch.log(noise)  # eq. (3)
         h = (s * self._weighted / D**2).sum(1)
-        noise_share = (sigma2 / D).sum(1) + self.n_null
-        prior_share = (s * lam / D).sum(1)
+        mu, w, n_null = self._log_det_nodes, self._log_det_weights, self._log_det_null
+        E = s * mu + sigma2
+        log_det = (w * torch.log(E)).sum(1) + n_null * torch.log(noise)  # eq. (3)
+        noise_share = (w * sigma2 / E).sum(1) + n_null
+        prior_share = (w * s * mu / E).sum(1)
         return quadratic, log_det, h, noise_share, prior_share
 
     def log_marginal_likelihood(self, noise, prior, eval_gradient=False):
@@ -317,81 +381,49 @@ class SpectralEvidence:
         coefficients = self.vectors @ weights.T  # (d or p, b)
         return coefficients.reshape(-1, *shape).numpy()
 
-    def maximize(
-        self,
-        noise0=1.0,
-        prior0=1.0,
-        *,
-        bounds=((1e-8, 1e5), (1e-8, 1e5)),
-        n_restarts=2,
-        random_state=None,
-    ):
-        """Maximise log p(y) over (σ², s) by L-BFGS-B on (log σ², log s).
 
-        Parameters
-        ----------
-        noise0, prior0 : float, default=1.0
-            First start (clipped into the bounds).
-        bounds : pair of (low, high) pairs, default=((1e-8, 1e5), (1e-8, 1e5))
-            Bounds on noise, then prior.
-        n_restarts : int, default=2
-            Further starts drawn log-uniformly within the bounds.
-        random_state : int, numpy.random.Generator or None, default=None
-            Seeds the restarts' starts.
-
-        Returns
-        -------
-        EvidenceOptimum
-            The best of all starts.
-        """
-        log_bounds = np.log(np.asarray(bounds, dtype=np.float64))
-        low, high = log_bounds[:, 0], log_bounds[:, 1]
-
-        def objective(x):
-            value, gradient = self.log_marginal_likelihood(
-                math.exp(x[0]), math.exp(x[1]), eval_gradient=True
-            )
-            return -value, -gradient
-
-        rng = np.random.default_rng(random_state)
-        starts = [np.clip(np.log([noise0, prior0]), low, high)]
-        starts += list(rng.uniform(low, high, size=(n_restarts, 2)))
-        best = None
-        for x0 in starts:
-            result = minimize(objective, x0, jac=True, method="L-BFGS-B", bounds=log_bounds)
-            if best is None or result.fun < best.fun:
-                best = result
-        noise, prior = np.exp(best.x)
-        return EvidenceOptimum(
-            float(noise), float(prior), float(-best.fun), bool(best.success)
-        )
-
-
-def spectral_evidence(jacobian, residuals, space, structured=None):
-    """The Gram matrix of ``space`` and the :class:`SpectralEvidence` it gives.
+def spectral_evidence(jacobian, residuals, space, structured=None, lanczos=None):
+    """The :class:`SpectralEvidence` of the training data, and the Gram matrix if
+    it was assembled.
 
     Parameters
     ----------
     jacobian : JacobianProducts
     residuals : torch.Tensor of shape (n, k)
     space : {"function", "parameter"}
-        J Jᵀ (n·k x n·k) or JᵀJ (p x p).
+        Of G = J Jᵀ (n·k x n·k) or F = JᵀJ (p x p).
     structured : LayerwiseKernel or None
-        The layerwise kernel, for J Jᵀ.
+        The layerwise kernel, for G.
+    lanczos : dict or None
+        None: exact, from the dense G or F (one eigendecomposition). Otherwise the
+        ``options`` of :meth:`SpectralEvidence.from_lanczos` (matrix-free).
 
     Returns
     -------
-    gram : torch.Tensor
+    gram : torch.Tensor or None
+        G or F, when assembled (None for Lanczos).
     evidence : SpectralEvidence
     """
     r = residuals.reshape(-1)
     if space == "function":
-        operator = FunctionOperator(jacobian, prior=1.0, shift=1.0, structured=structured)
-        gram = operator.gram_dense()
+        operator = FunctionOperator(jacobian, prior=1.0, shift=0.0, structured=structured)
+    else:
+        operator = ParameterOperator(jacobian, shift=0.0)
+    start = r if space == "function" else jacobian.vjp(residuals)
+    if lanczos is not None:
+        evidence = SpectralEvidence.from_lanczos(
+            operator.psd_matmat,
+            start,
+            space=space,
+            size=r.numel(),
+            residual_sq_norm=float(r @ r),
+            options=lanczos,
+        )
+        return None, evidence
+    gram = operator.gram_dense()
+    if space == "function":
         return gram, SpectralEvidence.from_kernel(gram, r)
-    gram = ParameterOperator(jacobian, shift=1.0).gram_dense()
-    Jt_r = jacobian.vjp(residuals)
-    return gram, SpectralEvidence.from_fisher(gram, Jt_r, float(r @ r), r.numel())
+    return gram, SpectralEvidence.from_fisher(gram, start, float(r @ r), r.numel())
 
 
 class StochasticEvidence(NamedTuple):

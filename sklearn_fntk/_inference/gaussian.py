@@ -58,6 +58,9 @@ class GaussianPosterior:
     ----------
     operator : ParameterOperator or FunctionOperator
     system : LinearSystem
+    variance_system : LinearSystem
+        Serves predictive covariances: ``system``, or for exact variances with CG a
+        dense factor of the same operator (up to ``policy.variance_factor_max_size``).
     delta : torch.Tensor of shape (p,)
         Posterior mean of w - θ, after :meth:`fit`.
     report : CGResult
@@ -165,9 +168,21 @@ class GaussianPosterior:
             rhs = self.jacobian.vjp(self.residuals.reshape(self._shape))
             report = system.solve(rhs, callback=callback)
             delta = report.solution
+        variance_system = system
+        factored = choices.variance == "exact" and choices.solver == "cg"
+        if factored and operator.size <= policy.variance_factor_max_size:
+            # exact variances from one dense factor, whatever n: a Cholesky solve
+            # per test batch instead of a CG solve
+            dense = LinearSystem(operator, solver="dense", tol=self.tol)
+            try:
+                dense.build(gram=gram, what=f"{self.space}-space system", advice=_ADVICE)
+            except MemoryError:  # too large for memory now: CG solves per batch
+                dense = system
+            variance_system = dense
         ranks = [0 if low_rank is None else low_rank.rank]
         ranks.append(getattr(preconditioner, "rank", 0))
         self.operator, self.system, self.low_rank = operator, system, low_rank
+        self.variance_system = variance_system
         self._rhs, self.report, self.delta = rhs, report, delta
         self.rank = max(ranks)
         return self
@@ -203,7 +218,7 @@ class GaussianPosterior:
         if diagonal and self.low_rank is not None:
             return self.low_rank.diagonal(self.operator, X, self.prior), None
         mode = "diagonal" if diagonal else "full"
-        return self.system.covariance(X, mode, parameter_scale=self.noise)
+        return self.variance_system.covariance(X, mode, parameter_scale=self.noise)
 
     # -- evidence ---------------------------------------------------------------------
 
@@ -232,7 +247,7 @@ class GaussianPosterior:
 
         After a CG fit the factor of the same space is assembled here, once.
         """
-        factor = self.system.factor
+        factor = self.variance_system.factor
         if factor is None:  # assembled once, kept apart from the solver's state
             factor = self.__dict__.get("_evidence_factor")
         if factor is None:

@@ -19,6 +19,11 @@ class Policy:
     ----------
     dense_max_size : int, default=4096
         ``solver="auto"`` picks the dense (Cholesky) solver up to this system size.
+    variance_factor_max_size : int, default=8192
+        Exact predictive variances come from a dense Cholesky factor of the system,
+        assembled once at fit time (whatever the solver), up to this size (512 MiB
+        in float64); above it from CG solves. ``variance="auto"`` with CG is exact up
+        to it, low-rank above.
     eigen_size : int, default=4096
         The low-rank variance takes exact eigenpairs (one ``eigh`` of J Jᵀ or JᵀJ) up
         to this system size, and a Nyström sketch above it.
@@ -36,9 +41,17 @@ class Policy:
         this many random samples per unit of rank over the output count ...
     sketch_min_samples : int, default=1024
         ... and of at least this many.
+    evidence_probes : int, default=16
+        Rademacher probes of the matrix-free (Lanczos) evidence's log-determinant.
+    evidence_log_det_steps : int, default=40
+        Lanczos steps per probe of that log-determinant.
+    evidence_quadratic_steps : int, default=200
+        Lanczos steps of its quadratic term rᵀK⁻¹r (exact once they reach the
+        number of distinct eigenvalues).
     """
 
     dense_max_size: int = 4096
+    variance_factor_max_size: int = 8192
     eigen_size: int = 4096
     low_rank_weight: float = 0.01
     low_rank_bytes: int = 1 << 29
@@ -46,6 +59,18 @@ class Policy:
     max_rank: int = 512
     sketch_samples_per_rank: int = 4
     sketch_min_samples: int = 1024
+    evidence_probes: int = 16
+    evidence_log_det_steps: int = 40
+    evidence_quadratic_steps: int = 200
+
+    def lanczos_options(self, generator):
+        """The options of ``SpectralEvidence.from_lanczos``."""
+        return {
+            "n_probes": self.evidence_probes,
+            "log_det_steps": self.evidence_log_det_steps,
+            "quadratic_steps": self.evidence_quadratic_steps,
+            "generator": generator,
+        }
 
     def sketch_samples(self, n_samples, rank, n_outputs):
         """Training samples a Nyström sketch of a Fisher (a sum over samples, k rows
@@ -100,7 +125,8 @@ def resolve_choices(
         further products), else pivoted Cholesky where kernel columns are cheap (the
         layerwise kernel in function space), else Nyström.
     variance : {"auto", "exact", "low_rank"}
-        "auto": exact with the dense solver, low-rank with CG.
+        "auto": exact with the dense solver, or with CG up to
+        ``policy.variance_factor_max_size`` (from a dense factor); low-rank above.
     n_rows, n_params : int
         n·k and p.
     layerwise : bool
@@ -122,8 +148,9 @@ def resolve_choices(
     size = n_rows if space == "function" else n_params
     if solver == "auto":
         solver = "dense" if size <= policy.dense_max_size else "cg"
-    if variance == "auto":  # exact variances cost a CG solve per test batch
-        variance = "exact" if solver == "dense" else "low_rank"
+    if variance == "auto":  # above the factor's size, a CG solve per test batch
+        factored = solver == "dense" or size <= policy.variance_factor_max_size
+        variance = "exact" if factored else "low_rank"
     if solver == "dense":
         preconditioner = None  # nothing to precondition
     elif preconditioner == "auto":

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LogDetEstimate", "lanczos", "stochastic_log_det"]
+__all__ = ["LogDetEstimate", "lanczos", "quadrature", "rademacher", "stochastic_log_det"]
 
 
 class LogDetEstimate(NamedTuple):
@@ -89,6 +89,43 @@ def lanczos(matmat, Q, steps):
     return alpha, beta, lengths
 
 
+def quadrature(matmat, Q, steps):
+    """Gauss quadrature nodes and weights of the spectral measure of each column of Q.
+
+    Lanczos from q = Q[:, c]/‖Q[:, c]‖ gives T = S diag(θ) Sᵀ; then
+    qᵀ f(A) q ≈ Σ_j τ_j² f(θ_j) with τ_j = S[0, j], exact for polynomials f of degree
+    below 2·steps. The Krylov space, and so the nodes of A + μI, are those of A
+    shifted by μ: one run serves every shift and scale.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``matmat(V) -> A V`` for V of shape (d, m), A symmetric.
+    Q : torch.Tensor of shape (d, b)
+        Start vectors (any nonzero norm).
+    steps : int
+        Lanczos steps per column, at least 1.
+
+    Returns
+    -------
+    list of (nodes, weights)
+        Per column, float64 tensors of shape (L,) (L ≤ steps): θ and τ², the weights
+        summing to 1.
+    """
+    if steps < 1:
+        raise ValueError(f"lanczos_steps must be at least 1, got {steps}.")
+    norms = torch.linalg.vector_norm(Q, dim=0)
+    alpha, beta, lengths = lanczos(matmat, Q / norms, steps)
+    rules = []
+    for i in range(Q.shape[1]):
+        L = int(lengths[i])
+        off_diagonal = beta[: L - 1, i]
+        T = torch.diag(alpha[:L, i]) + off_diagonal.diag(1) + off_diagonal.diag(-1)
+        theta, S = torch.linalg.eigh(T.to(torch.float64))
+        rules.append((theta, S[0] ** 2))
+    return rules
+
+
 def stochastic_log_det(matmat, size, floor, *, dtype, device, n_probes, steps, generator):
     """Estimate log|A| by stochastic Lanczos quadrature over Rademacher probes.
 
@@ -115,19 +152,21 @@ def stochastic_log_det(matmat, size, floor, *, dtype, device, n_probes, steps, g
     """
     if n_probes < 2:
         raise ValueError(f"n_probes must be at least 2, got {n_probes}.")
-    if steps < 1:
-        raise ValueError(f"lanczos_steps must be at least 1, got {steps}.")
-    signs = torch.randint(0, 2, (size, n_probes), generator=generator, device=device)
-    probes = (2 * signs - 1).to(dtype)
-    alpha, beta, lengths = lanczos(matmat, probes / math.sqrt(size), steps)
-    per_probe = torch.empty(n_probes, dtype=torch.float64)
-    for i in range(n_probes):
-        L = int(lengths[i])
-        off_diagonal = beta[: L - 1, i]
-        T = torch.diag(alpha[:L, i]) + off_diagonal.diag(1) + off_diagonal.diag(-1)
-        theta, S = torch.linalg.eigh(T)
-        # zᵀ log(A) z ≈ ‖z‖² Σ_j τ_j² log θ_j
-        per_probe[i] = size * (S[0] ** 2 * torch.log(theta.clamp_min(floor))).sum()
+    probes = rademacher(size, n_probes, dtype=dtype, device=device, generator=generator)
+    rules = quadrature(matmat, probes, steps)
+    # zᵀ log(A) z ≈ ‖z‖² Σ_j τ_j² log θ_j, ‖z‖² = d
+    per_probe = torch.stack(
+        [
+            size * (weights * torch.log(nodes.clamp_min(floor))).sum()
+            for nodes, weights in rules
+        ]
+    )
     return LogDetEstimate(
         float(per_probe.mean()), float(per_probe.std() / math.sqrt(n_probes))
     )
+
+
+def rademacher(size, n_probes, *, dtype, device, generator):
+    """``n_probes`` Rademacher vectors (entries ±1), shape (size, n_probes)."""
+    signs = torch.randint(0, 2, (size, n_probes), generator=generator, device=device)
+    return (2 * signs - 1).to(dtype)

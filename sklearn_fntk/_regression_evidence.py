@@ -1,0 +1,153 @@
+"""The regressor's evidence: noise and prior by the marginal likelihood, and
+``log_marginal_likelihood`` at the fitted or any variances.
+
+A mixin of ``FiniteNTKRegressor`` (its only user), kept apart because it is one
+concept: everything the evidence needs from the fitted state is the posterior's
+Jacobian products, residuals and layerwise kernel.
+"""
+
+import warnings
+
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.validation import check_is_fitted
+
+from ._inference.evidence import spectral_evidence
+from ._inference.hyperparameters import fit_hyperparameters
+
+__all__ = ["EvidenceMixin"]
+
+
+class EvidenceMixin:
+    """``noise="auto"`` / ``prior="auto"`` and ``log_marginal_likelihood``."""
+
+    def _fit_hyperparameters(self, jacobian, residuals, structured, choices):
+        """Fit the "auto" ones of noise and prior by the evidence (see
+        ``_inference.hyperparameters``): exact from one eigendecomposition with the
+        dense solver, by Lanczos quadrature with CG. Returns the Gram matrix (if
+        assembled, for the dense solve), the evidence and the optimum."""
+        lanczos = None
+        if choices.solver == "cg":
+            lanczos = self._policy.lanczos_options(self._generator())
+        gram, evidence = spectral_evidence(
+            jacobian, residuals, choices.space, structured, lanczos
+        )
+        r = residuals.reshape(-1)
+        best = fit_hyperparameters(
+            evidence,
+            noise=self.noise,
+            prior=self.prior,
+            mean_squared_residual=float(r @ r) / r.numel(),
+            hyperprior="default",
+        )
+        if best.at_bound:
+            warnings.warn(
+                f"The evidence is maximal at the edge of the search (noise="
+                f"{best.noise:.3g}, prior={best.prior:.3g}): the data determine "
+                "these poorly. Set noise or prior to a number from prior knowledge.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if not best.converged:
+            warnings.warn(
+                "Maximising the log marginal likelihood over noise and prior did not "
+                f"converge; using noise={best.noise:.3g}, prior={best.prior:.3g}. Set "
+                "noise or prior to a number.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        return gram, evidence, best
+
+    def log_marginal_likelihood(
+        self,
+        noise=None,
+        prior=None,
+        eval_gradient=False,
+        *,
+        method="exact",
+        n_probes=32,
+        lanczos_steps=50,
+        return_std_error=False,
+    ):
+        """Log evidence log p(y | X, noise, prior), at the fitted or any variances.
+
+        As GaussianProcessRegressor's, at any hyperparameters: the fitted network's
+        Jacobian and residuals stay, only σ² and s change. With ``sample_weight`` in
+        fit, the noise covariance is noise · diag(1/w).
+
+        Parameters
+        ----------
+        noise, prior : float or None, default=None
+            σ² and s; None means ``noise_`` and ``prior_``.
+        eval_gradient : bool, default=False
+            Also return the gradient with respect to (log σ², log s).
+        method : {"exact", "stochastic"}, default="exact"
+            "exact": at the fitted variances from a Cholesky factor (assembled here,
+            once, after a CG fit); elsewhere, or with ``eval_gradient``, from one
+            eigendecomposition of J Jᵀ (or JᵀJ), reused from an "auto" fit with the
+            dense solver. "stochastic" is matrix-free, for problems too large for
+            that: at the fitted variances log|K| by stochastic Lanczos quadrature
+            over Rademacher probes and rᵀK⁻¹r by CG; elsewhere, or with
+            ``eval_gradient``, the Lanczos quadrature of the spectrum that an "auto"
+            fit with CG used (or a new one).
+        n_probes, lanczos_steps : int, default=32, 50
+            Probes and Lanczos steps of the stochastic estimate at the fitted
+            variances. Small noise needs more steps (see the user guide).
+        return_std_error : bool, default=False
+            Also return the standard error of the estimate over probes (0 for
+            "exact"), at the fitted variances only.
+
+        Returns
+        -------
+        log_likelihood : float
+        gradient : ndarray of shape (2,), optional
+            With ``eval_gradient``: [∂/∂log σ², ∂/∂log s].
+        std_error : float, optional
+        """
+        check_is_fitted(self)
+        if method not in ("exact", "stochastic"):
+            raise ValueError(f"method must be 'exact' or 'stochastic', got {method!r}.")
+        at_fit = noise is None and prior is None and not eval_gradient
+        if not at_fit:
+            if return_std_error:
+                raise ValueError(
+                    "return_std_error=True applies at the fitted noise and prior only, "
+                    "without eval_gradient."
+                )
+            noise = self.noise_ if noise is None else noise
+            prior = self.prior_ if prior is None else prior
+            evidence = self._spectral_evidence(method)
+            result = evidence.log_marginal_likelihood(noise, prior, eval_gradient)
+            if not eval_gradient:
+                return result + self._log_weight
+            return result[0] + self._log_weight, result[1]
+        if method == "exact":
+            value, std_error = self._posterior.log_marginal_likelihood(), 0.0
+        else:
+            estimate = self._posterior.stochastic_log_marginal_likelihood(
+                n_probes, lanczos_steps, self._generator()
+            )
+            self._warn_unconverged(estimate.solve, "the evidence's quadratic term")
+            # log p = -½ log|K| + ...: half the log-determinant's standard error
+            value, std_error = (
+                estimate.log_marginal_likelihood,
+                estimate.log_det_std_error / 2,
+            )
+        value += self._log_weight  # the scaled system's evidence -> the weighted model's
+        return (value, std_error) if return_std_error else value
+
+    def _spectral_evidence(self, method):
+        """The evidence for any variances: the fit's if it had the kind ``method``
+        asks for (exact with the dense solver, Lanczos with CG), else a new one."""
+        exact = method == "exact"
+        evidence = self._evidence
+        if evidence is not None and (self.solver_ == "dense") == exact:
+            return evidence
+        posterior = self._posterior
+        lanczos = None if exact else self._policy.lanczos_options(self._generator())
+        return spectral_evidence(
+            posterior.jacobian,
+            posterior.residuals.reshape(posterior._shape),
+            self.space_,
+            posterior.structured,
+            lanczos,
+        )[1]

@@ -1,0 +1,164 @@
+"""noise="auto" and prior="auto": the evidence by default, against dense references.
+
+The reference log evidence is tests/reference.py's (explicit Jacobian by jacrev,
+Cholesky of the explicit kernel), evaluated at any (noise, prior).
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from reference import reference_posterior
+from torch.func import functional_call, jacrev
+
+from sklearn_fntk import FiniteNTKRegressor
+from sklearn_fntk._inference.hyperparameters import NOISE_MODE
+
+TRUE_NOISE, TRUE_PRIOR = 0.05, 0.5
+
+
+@pytest.fixture(scope="module")
+def network_and_data():
+    """y = J w + ε with w ~ N(0, s I), ε ~ N(0, σ² I): the GP with prior_mean="zero"."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+    ).double()
+    X = np.random.RandomState(0).randn(600, 3)
+    params = {name: p.detach() for name, p in net.named_parameters()}
+    blocks = jacrev(lambda p: functional_call(net, p, (torch.as_tensor(X),)))(params)
+    J = torch.cat([b.reshape(len(X), -1) for b in blocks.values()], 1).numpy()
+    rng = np.random.RandomState(1)
+    w = rng.randn(J.shape[1]) * np.sqrt(TRUE_PRIOR)
+    y = J @ w + rng.randn(len(X)) * np.sqrt(TRUE_NOISE)
+    return net, X, y
+
+
+def reference_lml(net, X, y, noise, prior):
+    return reference_posterior(
+        net, X, y, X[:1], noise=noise, prior=prior, prior_mean="zero"
+    ).lml
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_auto_recovers_the_noise_and_is_the_plain_fit_at_the_optimum(
+    network_and_data, space
+):
+    net, X, y = network_and_data
+    reg = FiniteNTKRegressor(net, prior_mean="zero", space=space, solver="dense")
+    reg.fit(X, y)
+    assert (reg.noise, reg.prior) == ("auto", "auto")  # the constructor's values stay
+    assert abs(reg.noise_ - TRUE_NOISE) / TRUE_NOISE < 0.2
+    plain = FiniteNTKRegressor(
+        net, noise=reg.noise_, prior=reg.prior_, prior_mean="zero", space=space
+    ).fit(X, y)
+    np.testing.assert_allclose(reg.predict(X[:20]), plain.predict(X[:20]), rtol=1e-9)
+    reference = reference_lml(net, X, y, reg.noise_, reg.prior_)
+    np.testing.assert_allclose(reg.log_marginal_likelihood_value_, reference, rtol=1e-9)
+    np.testing.assert_allclose(reg.log_marginal_likelihood(), reference, rtol=1e-9)
+    # the optimum of evidence + hyperprior: the prior's gradient vanishes; the
+    # noise's balances the hyperprior's -α + α·μ/σ² (α = 1, μ = NOISE_MODE·v)
+    _, gradient = reg.log_marginal_likelihood(reg.noise_, reg.prior_, eval_gradient=True)
+    v = np.mean(y**2)
+    assert abs(gradient[1]) < 1e-4
+    np.testing.assert_allclose(gradient[0], 1.0 - NOISE_MODE * v / reg.noise_, atol=1e-4)
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_log_marginal_likelihood_at_any_variances_matches_the_reference(
+    network_and_data, space
+):
+    net, X, y = network_and_data
+    X, y = X[:150], y[:150]
+    reg = FiniteNTKRegressor(net, noise=0.3, prior=2.0, prior_mean="zero", space=space)
+    reg.fit(X, y)
+    assert (reg.noise_, reg.prior_, reg.log_marginal_likelihood_value_) == (0.3, 2.0, None)
+    for noise, prior in [(0.3, 2.0), (0.01, 0.5), (1.0, 10.0)]:
+        value = reg.log_marginal_likelihood(noise, prior)
+        np.testing.assert_allclose(value, reference_lml(net, X, y, noise, prior), rtol=1e-9)
+    # the gradient in (log σ², log s) against central differences of the reference
+    value, gradient = reg.log_marginal_likelihood(0.1, 0.7, eval_gradient=True)
+    step = 1e-5
+    for i in range(2):
+        up, down = np.log([0.1, 0.7]), np.log([0.1, 0.7])
+        up[i] += step
+        down[i] -= step
+        difference = (
+            reference_lml(net, X, y, *np.exp(up)) - reference_lml(net, X, y, *np.exp(down))
+        ) / (2 * step)
+        np.testing.assert_allclose(gradient[i], difference, rtol=1e-5, atol=1e-6)
+
+
+def test_one_auto_the_other_fixed(network_and_data):
+    net, X, y = network_and_data
+    reg = FiniteNTKRegressor(net, noise=0.05, prior_mean="zero").fit(X[:200], y[:200])
+    assert reg.noise_ == 0.05
+    _, gradient = reg.log_marginal_likelihood(reg.noise_, reg.prior_, eval_gradient=True)
+    assert abs(gradient[1]) < 1e-4  # the prior alone maximises the evidence
+    fixed_prior = FiniteNTKRegressor(net, prior=0.5, prior_mean="zero").fit(X, y)
+    assert fixed_prior.prior_ == 0.5 and fixed_prior.noise_ != "auto"
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_cg_evidence_optimum_is_close_to_the_dense_one(network_and_data, space):
+    """With CG the evidence is a Lanczos quadrature: its optimum near the exact one."""
+    net, X, y = network_and_data
+    options = dict(prior_mean="zero", space=space, random_state=0)
+    dense = FiniteNTKRegressor(net, solver="dense", **options).fit(X, y)
+    cg = FiniteNTKRegressor(net, solver="cg", **options).fit(X, y)
+    assert cg.noise_ == pytest.approx(dense.noise_, rel=0.05)
+    assert cg.prior_ == pytest.approx(dense.prior_, rel=0.25)
+    # the estimate of the evidence there is within its probes' error of the truth
+    exact = reference_lml(net, X, y, cg.noise_, cg.prior_)
+    assert abs(cg.log_marginal_likelihood_value_ - exact) < 0.01 * len(y)
+
+
+def test_tiny_data_do_not_collapse_the_noise():
+    """Two points the network can interpolate: ML-II puts the noise at zero; the
+    hyperprior keeps it near its mode, 1% of the mean squared residual."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    )
+    X = np.array([[-1.0], [1.0]])
+    y = np.sin(3 * X[:, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg = FiniteNTKRegressor(net, random_state=0).fit(X, y)
+    outputs = reg.network_(torch.as_tensor(X)).detach().numpy()[:, 0]
+    v = np.mean((y - outputs) ** 2)
+    assert 0.1 * NOISE_MODE * v < reg.noise_ < 10 * NOISE_MODE * v
+
+
+def test_same_data_same_variances(network_and_data):
+    """The search is deterministic: random_state=None refits give identical values."""
+    net, X, y = network_and_data
+    first = FiniteNTKRegressor(net).fit(X[:100], y[:100])
+    second = FiniteNTKRegressor(net).fit(X[:100], y[:100])
+    assert (first.noise_, first.prior_) == (second.noise_, second.prior_)
+
+
+def test_stochastic_log_marginal_likelihood_estimates_the_exact_one(network_and_data):
+    net, X, y = network_and_data
+    reg = FiniteNTKRegressor(net, noise=0.05, prior=1.0, tol=1e-10, random_state=0)
+    reg.fit(X, y)
+    exact = reg.log_marginal_likelihood()
+    estimate, std_error = reg.log_marginal_likelihood(
+        method="stochastic", n_probes=64, lanczos_steps=80, return_std_error=True
+    )
+    assert reg.log_marginal_likelihood(return_std_error=True) == (exact, 0.0)
+    assert 0 < std_error < 0.01 * len(y)
+    assert abs(estimate - exact) < 4 * std_error + 1e-3 * len(y)
+    # elsewhere, the Lanczos quadrature of the spectrum
+    other = reg.log_marginal_likelihood(0.1, 2.0, method="stochastic")
+    assert abs(other - reg.log_marginal_likelihood(0.1, 2.0)) < 0.01 * len(y)
+
+
+def test_bad_log_marginal_likelihood_calls(network_and_data):
+    net, X, y = network_and_data
+    reg = FiniteNTKRegressor(net, noise=0.1, prior=1.0).fit(X[:50], y[:50])
+    with pytest.raises(ValueError, match="method must be 'exact' or 'stochastic'"):
+        reg.log_marginal_likelihood(method="approximate")
+    with pytest.raises(ValueError, match="at the fitted noise and prior only"):
+        reg.log_marginal_likelihood(0.2, return_std_error=True)
