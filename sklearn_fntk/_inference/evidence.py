@@ -45,7 +45,9 @@ from scipy.optimize import minimize
 
 from .._linalg.cg import CGResult, conjugate_gradient
 from .._linalg.lanczos import stochastic_log_det
+from .._linalg.memory import check_fits, largest
 from .operators import FunctionOperator, ParameterOperator
+from .system import eigh_parts
 
 __all__ = [
     "EvidenceOptimum",
@@ -383,15 +385,38 @@ def spectral_evidence(jacobian, residuals, space, structured=None):
     -------
     gram : torch.Tensor
     evidence : SpectralEvidence
+
+    Raises
+    ------
+    MemoryError
+        Before anything is assembled, unless the Gram matrix, its float64
+        eigendecomposition and then the dense solve that reuses the Gram matrix fit.
     """
     r = residuals.reshape(-1)
     if space == "function":
         operator = FunctionOperator(jacobian, prior=1.0, shift=1.0, structured=structured)
+    else:
+        operator = ParameterOperator(jacobian, shift=1.0)
+    _check_spectral(operator)
+    if space == "function":
         gram = operator.gram_dense()
         return gram, SpectralEvidence.from_kernel(gram, r)
-    gram = ParameterOperator(jacobian, shift=1.0).gram_dense()
+    gram = operator.gram_dense()
     Jt_r = jacobian.vjp(residuals)
     return gram, SpectralEvidence.from_fisher(gram, Jt_r, float(r @ r), r.numel())
+
+
+def _check_spectral(operator):
+    """The memory guard of :func:`spectral_evidence` and of the dense solve after it."""
+    w, d, f64 = operator.jacobian.w, operator.size, torch.float64
+    eigen = [("the Gram matrix", (d, d))]
+    if w.dtype != f64:
+        eigen.append(("its float64 copy", (d, d), f64))
+    eigen += eigh_parts(d, f64)
+    parts = largest([eigen, operator.dense_parts(gram_held=True)], w.dtype)
+    what = "Maximising the evidence (optimize=True) by one eigendecomposition"
+    advice = "choose noise and prior by GridSearchCV with optimize=False instead"
+    check_fits(parts, w.dtype, w.device, what, advice)
 
 
 class StochasticEvidence(NamedTuple):
@@ -477,7 +502,7 @@ def stochastic_log_marginal_likelihood(
         steps=lanczos_steps,
         generator=generator,
     )
-    solve = conjugate_gradient(matmat, r, tol=tol)
+    solve = conjugate_gradient(matmat, r, tol=tol, verify=True)
     quadratic = float(r @ solve.solution)
     value = -0.5 * quadratic - 0.5 * log_det - 0.5 * size * math.log(2 * math.pi)
     return StochasticEvidence(value, std_error, log_det, quadratic, solve)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LogDetEstimate", "lanczos", "stochastic_log_det"]
+__all__ = ["LogDetEstimate", "lanczos", "largest_eigenvalue", "stochastic_log_det"]
 
 
 class LogDetEstimate(NamedTuple):
@@ -89,6 +89,41 @@ def lanczos(matmat, Q, steps):
     return alpha, beta, lengths
 
 
+def _tridiagonal(alpha, beta, lengths, column):
+    """The Lanczos tridiagonal T of column ``column`` (its ``lengths`` steps)."""
+    L = int(lengths[column])
+    off_diagonal = beta[: L - 1, column]
+    return torch.diag(alpha[:L, column]) + off_diagonal.diag(1) + off_diagonal.diag(-1)
+
+
+def largest_eigenvalue(matmat, size, *, dtype, device, steps=20, generator=None):
+    """The largest eigenvalue of a symmetric A, from ``steps`` Lanczos steps.
+
+    The largest Ritz value, a lower bound that converges fast (the extreme
+    eigenvalues first): after 20 steps from a random start it is typically within a
+    few percent, with ``steps`` products with A.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``matmat(V) -> A V`` for V of shape (d, m).
+    size : int
+        d.
+    dtype : torch.dtype
+    device : torch.device or str
+    steps : int, default=20
+    generator : torch.Generator or None
+        Draws the start.
+
+    Returns
+    -------
+    float
+    """
+    start = torch.randn(size, 1, dtype=dtype, device=device, generator=generator)
+    alpha, beta, lengths = lanczos(matmat, start / torch.linalg.vector_norm(start), steps)
+    return float(torch.linalg.eigvalsh(_tridiagonal(alpha, beta, lengths, 0)).max())
+
+
 def stochastic_log_det(matmat, size, floor, *, dtype, device, n_probes, steps, generator):
     """Estimate log|A| by stochastic Lanczos quadrature over Rademacher probes.
 
@@ -122,10 +157,7 @@ def stochastic_log_det(matmat, size, floor, *, dtype, device, n_probes, steps, g
     alpha, beta, lengths = lanczos(matmat, probes / math.sqrt(size), steps)
     per_probe = torch.empty(n_probes, dtype=torch.float64)
     for i in range(n_probes):
-        L = int(lengths[i])
-        off_diagonal = beta[: L - 1, i]
-        T = torch.diag(alpha[:L, i]) + off_diagonal.diag(1) + off_diagonal.diag(-1)
-        theta, S = torch.linalg.eigh(T)
+        theta, S = torch.linalg.eigh(_tridiagonal(alpha, beta, lengths, i))
         # zᵀ log(A) z ≈ ‖z‖² Σ_j τ_j² log θ_j
         per_probe[i] = size * (S[0] ** 2 * torch.log(theta.clamp_min(floor))).sum()
     return LogDetEstimate(
