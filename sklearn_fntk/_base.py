@@ -8,22 +8,21 @@ report what happened instead of warning.
 """
 
 import io
-import warnings
 from itertools import chain
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, validate_data
 
+from ._diagnostics import check_finite, nonfinite_error, nonfinite_rows, warn, warn_solve
 from ._inference.policy import Policy, resolve_choices
 from ._linearize.jacobian import JacobianProducts, outputs_and_jvp
 from ._linearize.layerwise import LayerwiseKernel, supports_structured
-from ._linearize.network import FunctionalNetwork, default_mlp
+from ._linearize.network import FunctionalNetwork, NetworkOutputError, default_mlp
 from ._progress import CGProgress
 
 # Memory allowed for cached per-chunk linearizations of the training data.
@@ -67,6 +66,38 @@ def _device_available(device):
     return True
 
 
+def _unavailable_device(device):
+    """Why tensors cannot be put on ``device`` here, or None if they can."""
+    if _device_available(device):
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if device.type == "cuda":
+        return "torch.cuda.is_available() is False"
+    return f"torch cannot allocate on {device.type} here"
+
+
+def _as_array(values):
+    """A torch tensor (on any device, requiring grad or not) as a numpy array; other
+    values as they are, for scikit-learn's validation."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return values
+
+
+def _to_tensor(array, like):
+    """A copy of ``array`` with the dtype and device of the tensor ``like``.
+
+    Always a copy, never a view of the caller's memory: a network that writes to
+    its input must not write to the caller's array.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"Expected numeric values, got an array of dtype {array.dtype}.")
+    return torch.tensor(np.ascontiguousarray(array), dtype=like.dtype, device=like.device)
+
+
 def _input_hint(module):
     """What the first weighted layer of ``module`` expects, for error messages."""
     for layer in module.modules():
@@ -83,6 +114,11 @@ class FiniteNTKBase(BaseEstimator):
     Each estimator declares its own ``_parameter_constraints``, from
     ``_COMMON_CONSTRAINTS`` (the parameters both have, meaning the same in both)
     and its own.
+
+    A fit builds its state apart and commits it at the end (:meth:`_commit`): a
+    fit that fails (an exception, KeyboardInterrupt included) leaves the previous
+    fitted state as it was. Predictions read the fitted state only: the
+    parameters they depend on are copied at fit (``_PREDICT_PARAMETERS``).
     """
 
     _COMMON_CONSTRAINTS = {
@@ -92,7 +128,8 @@ class FiniteNTKBase(BaseEstimator):
         "parameters": [list, tuple, None],
         "solver": [StrOptions({"auto", "dense", "cg"})],
         "space": [StrOptions({"auto", "function", "parameter"})],
-        "tol": [Interval(Real, 0, None, closed="neither")],
+        # tol >= 1 would stop CG before its first iteration (δ = 0)
+        "tol": [Interval(Real, 0, 1, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "dtype": [StrOptions(set(_DTYPES))],
@@ -100,6 +137,12 @@ class FiniteNTKBase(BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
+    # Parameters of the fitted model that predictions read, copied at fit:
+    # set_params after a fit changes nothing until the next fit. Options of how a
+    # prediction is computed stay live: ``batch_size`` (the chunks; a smaller one
+    # is the fix for a MemoryError at predict), ``random_state`` (draws at predict
+    # time) and the classifier's ``link`` and ``n_samples``.
+    _PREDICT_PARAMETERS = ("prior_mean", "tol", "dtype")
     # Sizes, ranks and thresholds of the automatic choices (tests may set an
     # instance's ``_policy`` to another Policy).
     _policy = Policy()
@@ -109,28 +152,41 @@ class FiniteNTKBase(BaseEstimator):
         tags.non_deterministic = False
         return tags
 
+    # -- fitted state -------------------------------------------------------------------
+
+    def _commit(self, state):
+        """Replace the fitted state by ``state`` (a dict of attributes), at once.
+
+        The new ``__dict__`` is built aside and swapped in by one assignment: a
+        KeyboardInterrupt cannot leave half of it, and other threads see the old
+        or the new state, never a mix. ``feature_names_in_`` goes when the new fit
+        had no feature names.
+        """
+        stale = {"feature_names_in_", "_device_override"} - set(state)
+        new = {key: value for key, value in self.__dict__.items() if key not in stale}
+        new.update(state)
+        new["_fitted_parameters"] = {
+            name: getattr(self, name) for name in self._PREDICT_PARAMETERS
+        }
+        self.__dict__ = new
+
+    def _fitted(self, name):
+        """The value parameter ``name`` had at fit (see ``_PREDICT_PARAMETERS``)."""
+        return self._fitted_parameters[name]
+
     # -- conversion -------------------------------------------------------------------
 
     @property
     def _torch_dtype(self):
         return _DTYPES[self.dtype]
 
-    @property
-    def _device(self):
-        """Where tensors are made: ``device``, except after unpickling on a machine
-        without the fitted device, where the fitted state stays on the CPU until the
-        next fit (see ``__setstate__``)."""
-        return getattr(self, "_device_override", None) or self.device
-
     def _tensor(self, array):
-        array = np.ascontiguousarray(array)
-        if not array.flags.writeable:  # torch cannot wrap read-only memory
-            array = array.copy()
-        return torch.as_tensor(array, dtype=self._torch_dtype, device=self._device)
+        """A copy of ``array`` as a tensor of the fitted state's dtype and device."""
+        return _to_tensor(array, self._network.theta)
 
     @staticmethod
     def _numpy(tensor):
-        return tensor.detach().cpu().numpy().astype(np.float64)
+        return np.asarray(tensor.detach().cpu().numpy(), dtype=np.float64)
 
     # -- persistence ------------------------------------------------------------------
 
@@ -182,8 +238,9 @@ class FiniteNTKBase(BaseEstimator):
         """Restore a pickled estimator, its tensors back on their devices.
 
         A device this machine lacks is replaced by the CPU, with a
-        DeviceFallbackWarning: the fitted state stays there and predicts there until
-        the next fit, which uses ``device`` again (left as it was, for ``get_params``).
+        DeviceFallbackWarning: the fitted state stays there and predicts there (it
+        predicts wherever its network is) until the next fit, which uses
+        ``device`` again (left as it was, for ``get_params``).
         """
         state = dict(state)
         moved = state.pop("_pickled_devices", {})
@@ -195,46 +252,60 @@ class FiniteNTKBase(BaseEstimator):
                 continue
             keys = self._device_group(group, state)
             self.__dict__.update(_moved({key: state[key] for key in keys}, device))
-        if "fitted" in missing:
-            self._device_override = "cpu"
         if missing:
             what = " and ".join(
                 f"{'given a network' if group == 'network' else 'fitted'} on {device}"
                 for group, device in missing.items()
             )
-            warnings.warn(
+            warn(
                 f"This {type(self).__name__} was {what}, which this machine does not "
                 "have: it was loaded on the CPU and predicts there. Its device "
                 f"parameter is still {self.device!r}; set_params(device='cpu') to fit "
                 "it again here.",
                 DeviceFallbackWarning,
-                stacklevel=2,
             )
 
     # -- validation -------------------------------------------------------------------
 
     def _validate_fit_data(self, X, y, sample_weight=None, **kwargs):
-        """Validated (X, y, sample_weight), without the samples of weight zero.
+        """Validated (X, y, sample_weight, seen), without the samples of weight zero.
 
-        sample_weight: None, or the positive weights of the samples kept.
+        sample_weight: None, or the positive weights of the samples kept. seen: the
+        attributes validation records (``n_features_in_``, ``feature_names_in_``,
+        ``input_shape_``), for :meth:`_commit`: the estimator itself keeps its
+        previous ones until the fit succeeds.
         """
-        X, y = validate_data(
-            self, X, y, allow_nd=True, dtype=[np.float64, np.float32], **kwargs
-        )
-        self.input_shape_ = X.shape[1:]
+        names = ("n_features_in_", "feature_names_in_")
+        previous = {key: self.__dict__[key] for key in names if key in self.__dict__}
+        try:
+            X, y = validate_data(
+                self,
+                _as_array(X),
+                _as_array(y),
+                allow_nd=True,
+                dtype=[np.float64, np.float32],
+                **kwargs,
+            )
+            seen = {key: self.__dict__[key] for key in names if key in self.__dict__}
+        finally:
+            for key in names:
+                self.__dict__.pop(key, None)
+            self.__dict__.update(previous)
+        seen["input_shape_"] = X.shape[1:]
         if sample_weight is None:
-            return X, y, None
+            return X, y, None, seen
         # rejects all-zero and negative weights and a wrong shape, with sklearn's
         # messages; a weight of zero is the same as leaving the sample out
         sample_weight = _check_sample_weight(
-            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+            _as_array(sample_weight), X, dtype=np.float64, ensure_non_negative=True
         )
         keep = sample_weight > 0
-        return X[keep], y[keep], sample_weight[keep]
+        return X[keep], y[keep], sample_weight[keep], seen
 
     def _validate_predict_X(self, X):
+        """Validated X for prediction, as a tensor of the fitted dtype and device."""
         X = validate_data(
-            self, X, reset=False, allow_nd=True, dtype=[np.float64, np.float32]
+            self, _as_array(X), reset=False, allow_nd=True, dtype=[np.float64, np.float32]
         )
         if X.shape[1:] != self.input_shape_:
             raise ValueError(
@@ -242,24 +313,43 @@ class FiniteNTKBase(BaseEstimator):
                 f"{type(self).__name__} was fitted with per-sample shape "
                 f"{self.input_shape_}."
             )
-        return X
+        return self._tensor(X)
+
+    def _check_device(self):
+        reason = _unavailable_device(self.device)
+        if reason is not None:
+            raise ValueError(
+                f"device={self.device!r} is not available on this machine ({reason}). "
+                "Use device='cpu', or a device this machine has."
+            )
 
     # -- the network ------------------------------------------------------------------
 
     def _seed(self):
         return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
-    def _make_network(self, X, n_outputs):
-        """The private FunctionalNetwork for X, its output count checked.
+    def _make_network(self, X, n_outputs, check_count=None):
+        """The private FunctionalNetwork for X, its outputs checked.
 
         Parameters
         ----------
         X : ndarray of shape (n, ...)
         n_outputs : int
-            Outputs per sample the targets need.
+            Outputs per sample the targets need (and the default network has).
+        check_count : callable or None
+            ``check_count(n_network, raw_shape)`` raises unless the network's
+            output count suits the targets; None: it must be ``n_outputs``.
+
+        Raises
+        ------
+        ValueError
+            When the network cannot be applied to X, returns other than one output
+            vector per sample, the wrong output count, or outputs for a sample that
+            depend on the other samples of the batch.
+        TypeError
+            When the network returns other than a tensor.
         """
-        # the new fitted state lives on ``device``, whatever unpickling chose before
-        self.__dict__.pop("_device_override", None)
+        self._check_device()
         module = self.network
         if module is None:
             n_features = int(np.prod(X.shape[1:]))
@@ -267,49 +357,83 @@ class FiniteNTKBase(BaseEstimator):
             if X.ndim > 2:
                 module = torch.nn.Sequential(torch.nn.Flatten(), module)
         network = FunctionalNetwork(
-            module, self.parameters, dtype=self._torch_dtype, device=self._device
+            module, self.parameters, dtype=self._torch_dtype, device=self.device
         )
-        sample = self._tensor(X[:2])
+        sample = _to_tensor(X[:2], network.theta)
         try:
-            with torch.no_grad():
-                out = network(network.theta, sample)
+            raw = network.probe(sample.clone())  # it may write to its input
+        except NetworkOutputError:
+            raise
         except Exception as error:
             raise ValueError(
                 f"The network cannot be applied to X with per-sample shape "
                 f"{X.shape[1:]}{_input_hint(network.module)}: "
                 f"{type(error).__name__}: {error}"
             ) from error
-        self._check_output_count(out.shape[1], n_outputs)
+        if raw.ndim == 0 or raw.shape[0] != sample.shape[0]:
+            raise ValueError(
+                f"The network's output for a batch of {sample.shape[0]} samples has "
+                f"shape {tuple(raw.shape)}; expected one output vector per sample, "
+                f"({sample.shape[0]},) or ({sample.shape[0]}, k)."
+            )
+        n_network = raw.reshape(raw.shape[0], -1).shape[1]
+        if check_count is None:
+            self._check_output_count(n_network, n_outputs, tuple(raw.shape), X.shape[1:])
+        else:
+            check_count(n_network, tuple(raw.shape), X.shape[1:])
+        _check_batch_independence(network, sample)
         return network
 
-    def _check_output_count(self, n_network, n_expected):
+    def _check_output_count(self, n_network, n_expected, raw_shape, input_shape):
         """Raise ValueError unless the network's output count is the one expected."""
         if n_network != n_expected:
-            raise ValueError(self._output_mismatch_message(n_network, n_expected))
+            raise ValueError(
+                f"The network produces {n_network} output(s) per sample, but y has "
+                f"{n_expected} output(s) per sample."
+                + _flattened_hint(raw_shape, input_shape)
+            )
 
-    def _output_mismatch_message(self, n_network, n_expected):
-        return (
-            f"The network produces {n_network} output(s) per sample, but y has "
-            f"{n_expected} output(s) per sample."
-        )
-
-    def _training_jacobian(self, X, cache, row_scale=None):
-        """JacobianProducts over the training inputs X (a tensor) at θ.
+    def _training_jacobian(self, network, X, cache, row_scale=None):
+        """JacobianProducts over the training inputs X (a tensor) at θ, with the
+        network's outputs and Jacobian checked to be finite.
 
         ``row_scale`` (a tensor (n,) or None) scales each sample's rows of J.
         """
-        return JacobianProducts(
-            self._network,
-            self._network.theta,
+        jacobian = JacobianProducts(
+            network,
+            network.theta,
             X,
             batch_size=self.batch_size,
             cache_bytes=LINEARIZATION_CACHE_BYTES if cache else 0,
             row_scale=row_scale,
         )
+        check_finite(
+            jacobian.outputs,
+            "The network's outputs on the training inputs X",
+            "the network must be finite on every training sample (remove or fix "
+            "those samples, or the network)",
+        )
+        # One VJP with a positive cotangent: any NaN or infinite entry of J shows.
+        if not bool(torch.isfinite(jacobian.vjp(torch.ones_like(jacobian.outputs))).all()):
+            rows = [
+                c.start + row
+                for c, J in jacobian.jacobian_blocks()
+                for row in nonfinite_rows(J)
+            ]
+            raise nonfinite_error(
+                rows,
+                X.shape[0],
+                "The network's Jacobian (its gradients with respect to the linearized "
+                "parameters) on the training inputs X",
+                "the linearization needs finite gradients (for example no sqrt or log "
+                "at 0, no overflow in float32)",
+            )
+        return jacobian
 
-    def _generator(self):
-        """A torch Generator seeded from ``random_state`` (for Nyström sketches)."""
-        generator = torch.Generator(device=self._device)
+    def _generator(self, device):
+        """A torch Generator on ``device`` seeded from ``random_state``, for
+        Nyström sketches and Lanczos probes."""
+        generator = torch.Generator(device=device)
         generator.manual_seed(self._seed())
         return generator
 
@@ -327,21 +451,17 @@ class FiniteNTKBase(BaseEstimator):
             return None
         return LayerwiseKernel(network, X, batch_size=self.batch_size, row_scale=row_scale)
 
-    def _warn_unconverged(self, report, stage):
+    def _warn_unconverged(self, report, stage, tol=None, dtype=None):
         """A ConvergenceWarning, naming what to change, when a CG solve (``report``,
-        a CGResult, or None for none) stopped short of its stopping rule."""
-        if report is None or report.all_converged:
-            return
-        unconverged = int((~report.converged).sum())
-        warnings.warn(
-            f"{type(self).__name__}: conjugate gradient ({stage}) stopped after "
-            f"max_iter={report.max_iter} iterations with {unconverged} of "
-            f"{report.converged.numel()} right-hand sides short of the stopping rule "
-            f"at tol={self.tol:g} (worst relative residual "
-            f"{float(report.residual_norms.max()):.3g}). Increase max_iter, loosen "
-            f"tol, {self._conditioning_advice}, or use solver='dense'.",
-            ConvergenceWarning,
-            stacklevel=3,
+        a CGResult, or None for none) fell short of its stopping rule. ``tol`` and
+        ``dtype``: those it ran under (default: the fitted ones)."""
+        warn_solve(
+            type(self).__name__,
+            report,
+            stage,
+            tol=self._fitted("tol") if tol is None else tol,
+            dtype=self._fitted("dtype") if dtype is None else dtype,
+            advice=self._conditioning_advice,
         )
 
     def _resolve(self, n_rows, n_params, layerwise, variance="exact"):
@@ -362,21 +482,29 @@ class FiniteNTKBase(BaseEstimator):
         """A CG progress callback when ``verbose > 0``, else None."""
         return CGProgress(type(self).__name__, self.tol) if self.verbose else None
 
-    def _linearized_chunks(self, X):
-        """Yield ``(rows, f(θ, X_rows), J(X_rows) δ)`` over chunks of X (a tensor)."""
-        network, theta = self._network, self._network.theta
-        for start in range(0, X.shape[0], self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            outputs, shift = outputs_and_jvp(
-                network, theta, X[rows], self.delta_, self.forward_mode_
-            )
-            yield rows, outputs, shift
-
     def _latent_mean(self, X):
-        """Predictive mean m(x*) + J* δ, shape (m, k)."""
+        """Predictive mean m(x*) + J* δ, shape (m, k), checked to be finite."""
+        network, theta = self._network, self._network.theta
+        zero_mean = self._fitted("prior_mean") == "zero"
         parts = []
-        for _, outputs, shift in self._linearized_chunks(X):
-            parts.append(outputs + shift if self.prior_mean == "network" else shift)
+        for start in range(0, X.shape[0], self.batch_size):
+            outputs, shift = outputs_and_jvp(
+                network, theta, X[start : start + self.batch_size], self.delta_,
+                self.forward_mode_,
+            )  # fmt: skip
+            check_finite(
+                outputs,
+                "The network's outputs on X",
+                "the network must be finite where it predicts",
+                offset=start,
+            )
+            check_finite(
+                shift,
+                "The linearized corrections J(x)·delta_ on X",
+                "the network's gradients are not finite there",
+                offset=start,
+            )
+            parts.append(shift if zero_mean else outputs + shift)
         return torch.cat(parts)
 
     @property
@@ -388,3 +516,43 @@ class FiniteNTKBase(BaseEstimator):
     def n_params_(self):
         """Number of linearized parameters p."""
         return self._network.n_params
+
+
+def _flattened_hint(raw_shape, input_shape):
+    """For an output count mismatch: where the network returned more than one axis
+    per sample, say so (a network for vectors given n-D samples acts on their last
+    axis)."""
+    if len(raw_shape) <= 2:
+        return ""
+    return (
+        f" The network's output for a batch has shape {raw_shape}, flattened per "
+        f"sample: was a network for vectors given X with per-sample shape "
+        f"{tuple(input_shape)}? Flatten X to 2-D, or start the network with "
+        "nn.Flatten()."
+    )
+
+
+def _check_batch_independence(network, sample):
+    """Raise ValueError where the network's output for a sample depends on the other
+    samples of its batch (in eval mode): the linearization is per sample.
+
+    Compares f(X[:2]) with f(X[:1]) and f(X[1:2]), to √ε of the dtype (batched and
+    single products differ by rounding only).
+    """
+    if sample.shape[0] < 2:
+        return
+    with torch.no_grad():
+        together = network(network.theta, sample)
+        apart = torch.cat([network(network.theta, sample[i : i + 1]) for i in range(2)])
+    tolerance = torch.finfo(together.dtype).eps ** 0.5
+    scale = max(float(together.abs().max()), 1.0)
+    if not torch.allclose(together, apart, rtol=tolerance, atol=tolerance * scale):
+        difference = float((together - apart).abs().max())
+        raise ValueError(
+            "The network's output for a sample depends on the other samples of its "
+            f"batch: in eval mode, two samples evaluated together and one at a time "
+            f"differ by up to {difference:.3g}. The linearized model needs one output "
+            "per sample that depends on that sample only (normalisation over the "
+            "batch, such as BatchNorm, must use its running statistics; no "
+            "operations across the batch axis)."
+        )

@@ -12,7 +12,6 @@ softmax is the predictive distribution:
 """
 
 import math
-import warnings
 from numbers import Integral
 
 import numpy as np
@@ -24,7 +23,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import FiniteNTKBase
+from ._base import FiniteNTKBase, _flattened_hint, _to_tensor
+from ._diagnostics import actions, warn
 from ._inference.laplace import LaplacePosterior, class_logits
 from ._inference.operators import psd_sqrt
 
@@ -204,22 +204,24 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         -------
         self : FiniteNTKClassifier
         """
-        X, y, sample_weight = self._validate_fit_data(X, y, sample_weight)
+        X, y, sample_weight, state = self._validate_fit_data(X, y, sample_weight)
         check_classification_targets(y)
-        self.classes_, labels = np.unique(y, return_inverse=True)
-        n_classes = len(self.classes_)
+        classes, labels = np.unique(y, return_inverse=True)
+        n_classes = len(classes)
         if n_classes < 2:
             raise ValueError(
                 f"{type(self).__name__} needs samples of at least 2 classes in y; got "
-                f"1 class: {self.classes_.tolist()}."
+                f"1 class: {classes.tolist()}."
             )
-        network = self._network = self._make_network(X, 1 if n_classes == 2 else n_classes)
-        jacobian = self._training_jacobian(self._tensor(X), cache=True)
-        self.forward_mode_ = jacobian.forward_mode
-        self.n_logits_ = jacobian.n_outputs
-        choices = self._resolve(X.shape[0] * self.n_logits_, network.n_params, False)
-        self.space_, self.solver_ = choices.space, choices.solver
-        self.preconditioner_ = choices.preconditioner
+
+        def check_count(n_network, raw_shape, input_shape):
+            self._check_logit_count(n_network, n_classes, raw_shape, input_shape)
+
+        network = self._make_network(X, 1 if n_classes == 2 else n_classes, check_count)
+        theta = network.theta
+        jacobian = self._training_jacobian(network, _to_tensor(X, theta), cache=True)
+        n_logits = jacobian.n_outputs
+        choices = self._resolve(X.shape[0] * n_logits, network.n_params, False)
         offsets = jacobian.outputs
         if self.prior_mean == "zero":
             offsets = torch.zeros_like(offsets)
@@ -227,7 +229,7 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
             jacobian,
             offsets,
             torch.as_tensor(labels, device=offsets.device),
-            weights=None if sample_weight is None else self._tensor(sample_weight),
+            weights=None if sample_weight is None else _to_tensor(sample_weight, theta),
             n_classes=n_classes,
             prior=self.prior,
             choices=choices,
@@ -239,55 +241,80 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         progress = self._cg_progress()
         try:
             posterior.fit(
-                generator=self._generator(),
+                generator=self._generator(self.device),
                 callback=progress,
                 report=self._newton_progress(),
             )
         finally:
             if progress is not None:
                 progress.close()
+        if not bool(torch.isfinite(posterior.delta).all()):
+            raise FloatingPointError(
+                f"{type(self).__name__}: Newton's method returned NaN or infinite "
+                "values, although the network's outputs and Jacobian on X are finite: "
+                f"the Laplace system is too ill-conditioned (prior={self.prior:g}) for "
+                f"{self.dtype}. "
+                + actions("use dtype='float64'" * (self.dtype != "float64"), "lower prior")
+            )
         self._warn_newton(posterior)
-        self._posterior = posterior
-        self.delta_ = posterior.delta
-        self.n_iter_ = posterior.cg_iterations
-        self.n_newton_iter_ = posterior.n_iter
+        self._commit(
+            {
+                **state,
+                "classes_": classes,
+                "_network": network,
+                "forward_mode_": jacobian.forward_mode,
+                "n_logits_": n_logits,
+                "space_": choices.space,
+                "solver_": choices.solver,
+                "preconditioner_": choices.preconditioner,
+                "_posterior": posterior,
+                "delta_": posterior.delta,
+                "n_iter_": posterior.cg_iterations,
+                "n_newton_iter_": posterior.n_iter,
+            }
+        )
         return self
 
     def _warn_newton(self, posterior):
         """Warn where Newton's method or its CG solves stopped short."""
         gradient, initial = posterior.gradient_norm, posterior.initial_gradient_norm
-        if posterior.unconverged_solves:
-            warnings.warn(
+        float64 = "use dtype='float64'" if self.dtype != "float64" else ""
+        if posterior.drifted_solves:
+            warn(
+                f"{type(self).__name__}: the conjugate gradient solves of "
+                f"{posterior.drifted_solves} of {posterior.n_iter} Newton steps met "
+                f"their stopping rule by the CG recurrence but not by their true "
+                f"residual (rounding in {self.dtype}). "
+                + actions(float64, "lower prior", "loosen tol"),
+                ConvergenceWarning,
+            )
+        elif posterior.unconverged_solves:
+            warn(
                 f"{type(self).__name__}: the conjugate gradient solves of "
                 f"{posterior.unconverged_solves} of {posterior.n_iter} Newton steps "
-                f"stopped at max_iter={self.max_iter} iterations. Increase max_iter, "
-                "lower prior, or use solver='dense'.",
+                f"stopped at max_iter={self.max_iter} iterations. "
+                + actions("increase max_iter", "lower prior", "use solver='dense'"),
                 ConvergenceWarning,
-                stacklevel=3,
             )
         if posterior.stalled:
-            warnings.warn(
+            warn(
                 f"Newton's method: the line search found no decrease at iteration "
                 f"{posterior.n_iter} (gradient norm {gradient:.3g}, initial "
                 f"{initial:.3g}); the gradient is likely at its rounding floor. "
-                f"Loosen tol={self.tol:g}"
-                + (" or use dtype='float64'." if self.dtype != "float64" else "."),
+                + actions(f"loosen tol={self.tol:g}", float64),
                 ConvergenceWarning,
-                stacklevel=3,
             )
         elif not posterior.converged:
-            warnings.warn(
+            warn(
                 f"Newton's method stopped after max_newton_iter={self.max_newton_iter} "
                 f"iterations with gradient norm {gradient:.3g} above "
                 f"tol={self.tol:g} times its initial {initial:.3g}. Increase "
                 "max_newton_iter or loosen tol.",
                 ConvergenceWarning,
-                stacklevel=3,
             )
 
-    def _check_output_count(self, n_network, n_expected):
-        """k must be C, or 1 for two classes (``n_expected`` is the default's k)."""
-        n_classes = len(self.classes_)
+    def _check_logit_count(self, n_network, n_classes, raw_shape, input_shape):
+        """k must be C, or 1 for two classes."""
         if n_network == n_classes or (n_classes == 2 and n_network == 1):
             return
         expected = f"{n_classes} (one per class in classes_ order)"
@@ -296,6 +323,7 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         raise ValueError(
             f"The network produces {n_network} logit(s) per sample, but y has "
             f"{n_classes} classes; expected {expected}."
+            + _flattened_hint(raw_shape, input_shape)
         )
 
     def _newton_progress(self):
@@ -317,21 +345,22 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
     def _scores(self, X):
         """The link's class scores, shape (m, C); their softmax is predict_proba."""
         check_is_fitted(self)
-        X = self._tensor(self._validate_predict_X(X))
+        X = self._validate_predict_X(X)
         n_classes = len(self.classes_)
-        if self.link == "mc":
+        link, n_samples = self.link, self.n_samples  # prediction options, not the model
+        if link == "mc":
             rng = check_random_state(self.random_state)
-            draws = self._tensor(rng.standard_normal((self.n_samples, self.n_logits_)))
+            draws = self._tensor(rng.standard_normal((n_samples, self.n_logits_)))
         parts = []
         for start in range(0, X.shape[0], self.batch_size):
             chunk = X[start : start + self.batch_size]
             mean = self._latent_mean(chunk)
-            if self.link == "map":
+            if link == "map":
                 parts.append(class_logits(mean, n_classes))
                 continue
             cov, report = self._posterior.covariance(chunk)
             self._warn_unconverged(report, "predictive covariances")
-            if self.link == "probit":
+            if link == "probit":
                 variance = cov.diagonal(dim1=1, dim2=2).clamp_min(0.0)
                 scaled = mean / torch.sqrt(1.0 + math.pi / 8.0 * variance)
                 parts.append(class_logits(scaled, n_classes))
@@ -339,7 +368,7 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
             # mc: logits μ + Σ^½ z_s, shape (m, S, k); log of the mean softmax
             samples = mean[:, None, :] + torch.einsum("iab,sb->isa", psd_sqrt(cov), draws)
             log_probs = torch.log_softmax(class_logits(samples, n_classes), dim=-1)
-            parts.append(torch.logsumexp(log_probs, dim=1) - math.log(self.n_samples))
+            parts.append(torch.logsumexp(log_probs, dim=1) - math.log(n_samples))
         return torch.cat(parts)
 
     def decision_function(self, X):

@@ -6,11 +6,14 @@ concept: everything the evidence needs from the fitted state is the posterior's
 Jacobian products, residuals and layerwise kernel.
 """
 
-import warnings
+import math
+from numbers import Integral
 
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import Interval, validate_parameter_constraints
 from sklearn.utils.validation import check_is_fitted
 
+from ._diagnostics import warn
 from ._inference.evidence import spectral_evidence
 from ._inference.hyperparameters import fit_hyperparameters
 
@@ -27,7 +30,7 @@ class EvidenceMixin:
         assembled, for the dense solve), the evidence and the optimum."""
         lanczos = None
         if choices.solver == "cg":
-            lanczos = self._policy.lanczos_options(self._generator())
+            lanczos = self._policy.lanczos_options(self._generator(jacobian.w.device))
         gram, evidence = spectral_evidence(
             jacobian, residuals, choices.space, structured, lanczos
         )
@@ -39,21 +42,20 @@ class EvidenceMixin:
             mean_squared_residual=float(r @ r) / r.numel(),
             hyperprior="default",
         )
-        if best.at_bound:
-            warnings.warn(
+        # a vanishing noise (an interpolating GP) or an unbounded prior; the
+        # other ends (all noise, or a network that needs no change) are answers
+        if {"noise lower", "prior upper"} & set(best.bounds_hit):
+            warn(
                 f"The evidence is maximal at the edge of the search (noise="
                 f"{best.noise:.3g}, prior={best.prior:.3g}): the data determine "
-                "these poorly. Set noise or prior to a number from prior knowledge.",
-                UserWarning,
-                stacklevel=4,
+                "these poorly. Set noise or prior to a number from prior knowledge."
             )
         if not best.converged:
-            warnings.warn(
+            warn(
                 "Maximising the log marginal likelihood over noise and prior did not "
                 f"converge; using noise={best.noise:.3g}, prior={best.prior:.3g}. Set "
                 "noise or prior to a number.",
                 ConvergenceWarning,
-                stacklevel=4,
             )
         return gram, evidence, best
 
@@ -65,7 +67,7 @@ class EvidenceMixin:
         *,
         method="exact",
         n_probes=32,
-        lanczos_steps=50,
+        lanczos_steps=150,
         return_std_error=False,
     ):
         """Log evidence log p(y | X, noise, prior), at the fitted or any variances.
@@ -89,7 +91,7 @@ class EvidenceMixin:
             over Rademacher probes and rᵀK⁻¹r by CG; elsewhere, or with
             ``eval_gradient``, the Lanczos quadrature of the spectrum that an "auto"
             fit with CG used (or a new one).
-        n_probes, lanczos_steps : int, default=32, 50
+        n_probes, lanczos_steps : int, default=32, 150
             Probes and Lanczos steps of the stochastic estimate at the fitted
             variances. Small noise needs more steps (see the user guide).
         return_std_error : bool, default=False
@@ -106,6 +108,14 @@ class EvidenceMixin:
         check_is_fitted(self)
         if method not in ("exact", "stochastic"):
             raise ValueError(f"method must be 'exact' or 'stochastic', got {method!r}.")
+        validate_parameter_constraints(
+            {
+                "n_probes": [Interval(Integral, 2, None, closed="left")],
+                "lanczos_steps": [Interval(Integral, 1, None, closed="left")],
+            },
+            {"n_probes": n_probes, "lanczos_steps": lanczos_steps},
+            caller_name="log_marginal_likelihood",
+        )
         at_fit = noise is None and prior is None and not eval_gradient
         if not at_fit:
             if return_std_error:
@@ -117,14 +127,15 @@ class EvidenceMixin:
             prior = self.prior_ if prior is None else prior
             evidence = self._spectral_evidence(method)
             result = evidence.log_marginal_likelihood(noise, prior, eval_gradient)
-            if not eval_gradient:
-                return result + self._log_weight
-            return result[0] + self._log_weight, result[1]
+            value = (result[0] if eval_gradient else result) + self._log_weight
+            self._check_evidence(value, method)
+            return (value, result[1]) if eval_gradient else value
         if method == "exact":
             value, std_error = self._posterior.log_marginal_likelihood(), 0.0
         else:
+            generator = self._generator(self._network.theta.device)
             estimate = self._posterior.stochastic_log_marginal_likelihood(
-                n_probes, lanczos_steps, self._generator()
+                n_probes, lanczos_steps, generator
             )
             self._warn_unconverged(estimate.solve, "the evidence's quadratic term")
             # log p = -½ log|K| + ...: half the log-determinant's standard error
@@ -133,7 +144,18 @@ class EvidenceMixin:
                 estimate.log_det_std_error / 2,
             )
         value += self._log_weight  # the scaled system's evidence -> the weighted model's
+        self._check_evidence(value, method)
         return (value, std_error) if return_std_error else value
+
+    def _check_evidence(self, value, method):
+        """FloatingPointError where the evidence overflowed."""
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"The log marginal likelihood ({method}) is {value}: its terms "
+                f"overflow in {self._fitted('dtype')} for targets this large "
+                "(rᵀK⁻¹r with r = y - m(X)) or this ill-conditioned a system. Rescale "
+                "y (for example with TransformedTargetRegressor), or increase noise."
+            )
 
     def _spectral_evidence(self, method):
         """The evidence for any variances: the fit's if it had the kind ``method``
@@ -143,7 +165,10 @@ class EvidenceMixin:
         if evidence is not None and (self.solver_ == "dense") == exact:
             return evidence
         posterior = self._posterior
-        lanczos = None if exact else self._policy.lanczos_options(self._generator())
+        lanczos = None
+        if not exact:
+            generator = self._generator(self._network.theta.device)
+            lanczos = self._policy.lanczos_options(generator)
         return spectral_evidence(
             posterior.jacobian,
             posterior.residuals.reshape(posterior._shape),

@@ -1,17 +1,23 @@
 """FiniteNTKRegressor: exact GP regression with the finite NTK of a trained network."""
 
-import warnings
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import RegressorMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import (
+    Interval,
+    StrOptions,
+    validate_parameter_constraints,
+)
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import FiniteNTKBase
+from ._base import FiniteNTKBase, _to_tensor
+from ._diagnostics import actions, check_finite, warn
 from ._inference.gaussian import GaussianPosterior
+from ._inference.system import eigh_parts
 from ._linearize.jacobian import scale_rows
 from ._regression_evidence import EvidenceMixin
 
@@ -19,6 +25,8 @@ __all__ = ["FiniteNTKRegressor"]
 
 # variance="low_rank" warns above this tail weight.
 LOW_RANK_MAX_TAIL_WEIGHT = 0.1
+# A CG fit warns where rounding alone may move the mean by more than this times tol.
+MEAN_ACCURACY_FACTOR = 10.0
 
 
 class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
@@ -250,72 +258,68 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
         -------
         self : FiniteNTKRegressor
         """
-        X, y, sample_weight = self._validate_fit_data(
+        X, y, sample_weight, state = self._validate_fit_data(
             X, y, sample_weight, multi_output=True, y_numeric=True
         )
+        if y.dtype.kind not in "biuf":
+            raise ValueError(
+                f"y has dtype {y.dtype}: {type(self).__name__} needs numeric targets. "
+                "Convert them, for example with y.astype(float)."
+            )
         Y = y.reshape(y.shape[0], -1)
-        self._y_ndim = y.ndim
-        self.n_outputs_ = Y.shape[1]
-        network = self._network = self._make_network(X, self.n_outputs_)
+        n_outputs = Y.shape[1]
+        network = self._make_network(X, n_outputs)
+        theta = network.theta
         choices = self._resolve(
-            X.shape[0] * self.n_outputs_,
+            X.shape[0] * n_outputs,
             network.n_params,
             self._layerwise(network),
             variance=self.variance,
         )
-        self.space_, self.solver_ = choices.space, choices.solver
-        self.preconditioner_, self.variance_ = choices.preconditioner, choices.variance
-
-        X = self._tensor(X)  # one copy, shared by the kernel and the Jacobian products
+        X = _to_tensor(X, theta)  # one copy, shared by the kernel and the products
         # Noise variances σ²/w_i: the GP on the rows of J and r scaled by √w_i has
         # noise σ² I, so everything below works on that scaled system. Its log
         # evidence is that of the weighted model less ½ Σ log w (one term per row).
-        row_scale, self._log_weight = None, 0.0
+        row_scale, log_weight = None, 0.0
         if sample_weight is not None:
-            row_scale = torch.sqrt(self._tensor(sample_weight))
-            self._log_weight = 0.5 * self.n_outputs_ * float(np.log(sample_weight).sum())
+            row_scale = torch.sqrt(_to_tensor(sample_weight, theta))
+            log_weight = 0.5 * n_outputs * float(np.log(sample_weight).sum())
         structured = self._structured_kernel(network, X, choices, row_scale)
-        self.kernel_ = "layerwise" if structured is not None else "autodiff"
         # Iterative solves reuse each chunk's forward pass, except where the kernel
         # is layerwise or the finite-difference Fisher product runs its own passes.
         finite_difference = (
             choices.space == "parameter" and self.fisher_product == "finite_difference"
         )
         if finite_difference and choices.solver == "cg" and self.dtype == "float32":
-            warnings.warn(
+            warn(
                 "fisher_product='finite_difference' in float32 is exact only to about "
                 "1e-3 (relative), and the solve amplifies that by the system's "
                 "conditioning (predicted means were measured 14% off although CG "
-                "converged). Use fisher_product='exact' or dtype='float64'.",
-                UserWarning,
-                stacklevel=2,
+                "converged). Use fisher_product='exact' or dtype='float64'."
             )
         jacobian = self._training_jacobian(
+            network,
             X,
             cache=choices.solver == "cg" and structured is None and not finite_difference,
             row_scale=row_scale,
         )
-        self.forward_mode_ = jacobian.forward_mode
         # r = y - m(X), with m(X) = f_θ(X) or 0, scaled like J's rows
-        residuals = self._tensor(Y)
+        residuals = self._targets(Y, theta)
         if self.prior_mean == "network":
             residuals = residuals - jacobian.outputs
         residuals = scale_rows(residuals, row_scale)
-        noise, prior, gram, self._evidence = self.noise, self.prior, None, None
-        self.log_marginal_likelihood_value_ = None
+        noise, prior, gram, evidence, lml_value = self.noise, self.prior, None, None, None
         if "auto" in (noise, prior):
-            gram, self._evidence, best = self._fit_hyperparameters(
+            gram, evidence, best = self._fit_hyperparameters(
                 jacobian, residuals, structured, choices
             )
             noise, prior = best.noise, best.prior
-            self.log_marginal_likelihood_value_ = best.log_marginal_likelihood
-            self.log_marginal_likelihood_value_ += self._log_weight
-        self.noise_, self.prior_ = noise, prior
+            lml_value = best.log_marginal_likelihood + log_weight
         posterior = GaussianPosterior(
             jacobian,
             residuals,
-            prior=self.prior_,
-            noise=self.noise_,
+            prior=prior,
+            noise=noise,
             choices=choices,
             policy=self._policy,
             fisher_product=self.fisher_product,
@@ -326,36 +330,97 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
         )
         progress = self._cg_progress()
         try:
-            posterior.fit(gram=gram, generator=self._generator(), callback=progress)
+            posterior.fit(
+                gram=gram, generator=self._generator(self.device), callback=progress
+            )
         finally:
             if progress is not None:
                 progress.close()
-        self._warn_unconverged(posterior.report, "the fit's solve")
-        self._posterior = posterior
-        self.delta_ = posterior.delta
-        self.n_iter_ = posterior.n_iter
-        self.rank_ = posterior.rank
-        self.variance_tail_weight_ = posterior.variance_tail_weight
-        self._check_low_rank_variance()
+        self._check_solution(posterior)
+        self._check_low_rank_variance(choices.variance, posterior)
+        self._commit(
+            {
+                **state,
+                "_y_ndim": y.ndim,
+                "n_outputs_": n_outputs,
+                "_network": network,
+                "space_": choices.space,
+                "solver_": choices.solver,
+                "preconditioner_": choices.preconditioner,
+                "variance_": choices.variance,
+                "_log_weight": log_weight,
+                "kernel_": "layerwise" if structured is not None else "autodiff",
+                "forward_mode_": jacobian.forward_mode,
+                "noise_": noise,
+                "prior_": prior,
+                "_evidence": evidence,
+                "log_marginal_likelihood_value_": lml_value,
+                "_posterior": posterior,
+                "delta_": posterior.delta,
+                "n_iter_": posterior.n_iter,
+                "rank_": posterior.rank,
+                "variance_tail_weight_": posterior.variance_tail_weight,
+            }
+        )
         return self
 
-    def _check_low_rank_variance(self):
+    def _targets(self, Y, theta):
+        """Y as a tensor like θ, checked to fit its dtype's range."""
+        targets = _to_tensor(Y, theta)
+        if not bool(torch.isfinite(targets).all()):
+            raise ValueError(
+                f"y has values up to {float(np.abs(Y).max()):.3g}, beyond the range "
+                f"of {self.dtype} (largest {torch.finfo(theta.dtype).max:.3g}). "
+                "Rescale y (for example with TransformedTargetRegressor), or use "
+                "dtype='float64'."
+            )
+        return targets
+
+    def _check_solution(self, posterior):
+        """Errors and warnings on the fit's solve: not finite, short of its stopping
+        rule, or solved more finely than its dtype resolves."""
+        solve = f"the fit's {posterior.space}-space {posterior.choices.solver} solve"
+        float64 = "use dtype='float64'" if self.dtype != "float64" else ""
+        if not bool(torch.isfinite(posterior.delta).all()):
+            raise FloatingPointError(
+                f"{type(self).__name__}: {solve} returned NaN or infinite values, "
+                "although the network's outputs and Jacobian on X are finite: the "
+                f"system is too ill-conditioned (noise={posterior.noise:g}, "
+                f"prior={posterior.prior:g}) or y too large for {self.dtype}. "
+                + actions(float64, "increase noise", "lower prior", "rescale y")
+            )
+        self._warn_unconverged(posterior.report, "the fit's solve", self.tol, self.dtype)
+        kappa = posterior.condition_number
+        floor = (
+            None if kappa is None else torch.finfo(posterior.delta.dtype).eps / 2 * kappa
+        )
+        if floor is not None and floor > MEAN_ACCURACY_FACTOR * self.tol:
+            warn(
+                f"{type(self).__name__}: {solve} is too ill-conditioned for "
+                f"{self.dtype} at tol={self.tol:g}: its condition number is about "
+                f"{kappa:.2g} (noise/prior = {posterior.noise / posterior.prior:.3g} "
+                "against the largest eigenvalue of the Fisher JᵀJ), so rounding "
+                f"alone may move the predictive mean by up to {min(floor, 1.0):.2g} "
+                f"(relative), more than {MEAN_ACCURACY_FACTOR:g}·tol. "
+                + actions(float64, "increase noise", "lower prior"),
+                ConvergenceWarning,
+            )
+
+    def _check_low_rank_variance(self, variance, posterior):
         """Warn where the low-rank variance stopped short of the noise level.
 
         A direction left out weighing more than ``LOW_RANK_MAX_TAIL_WEIGHT`` means a
         rank cap was hit well before the noise level: the variances may be
         overestimated by up to that fraction of the prior variance.
         """
-        weight = self.variance_tail_weight_
-        if self.variance_ != "low_rank" or weight <= LOW_RANK_MAX_TAIL_WEIGHT:
+        weight = posterior.variance_tail_weight
+        if variance != "low_rank" or weight <= LOW_RANK_MAX_TAIL_WEIGHT:
             return
-        warnings.warn(
-            f"The low-rank variance stopped at rank {self.rank_} with directions left "
-            f"out weighing up to {weight:.2f} (above {LOW_RANK_MAX_TAIL_WEIGHT}): "
+        warn(
+            f"The low-rank variance stopped at rank {posterior.rank} with directions "
+            f"left out weighing up to {weight:.2f} (above {LOW_RANK_MAX_TAIL_WEIGHT}): "
             "predictive variances may be overestimated by up to that fraction of the "
-            "prior variance. Increase rank, or use variance='exact'.",
-            UserWarning,
-            stacklevel=3,
+            "prior variance. Increase rank, or use variance='exact'."
         )
 
     def _shape_outputs(self, array):
@@ -369,11 +434,21 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
             chunk = X[start : start + self.batch_size]
             variance, report = self._posterior.covariance(chunk, diagonal=True)
             self._warn_unconverged(report, "predictive variances")
+            check_finite(
+                variance.reshape(-1, self.n_outputs_),
+                "The predictive variances on X",
+                "the network's gradients are not finite there",
+                offset=start,
+            )
             parts.append(variance.reshape(-1, self.n_outputs_))
         return torch.cat(parts).clamp_min(0.0)
 
-    def _latent_covariance(self, X):
-        """Joint predictive covariance over all test points and outputs, (m·k, m·k)."""
+    def _latent_covariance(self, X, what, after=()):
+        """Joint predictive covariance over all test points and outputs, (m·k, m·k),
+        after checking that it fits with what the caller then holds (``after``)."""
+        rows = X.shape[0] * self.n_outputs_
+        advice = "pass fewer test points at a time"
+        self._posterior.check_covariance(rows, what, advice, after)
         covariance, report = self._posterior.covariance(X, diagonal=False)
         self._warn_unconverged(report, "predictive covariance")
         return covariance
@@ -391,7 +466,8 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
         return_std : bool, default=False
         return_cov : bool, default=False
             The covariance between test points, per output (cross-output terms are
-            not returned). Needs the test Jacobian of all points at once.
+            not returned). Needs the test Jacobian of all points at once; raises
+            MemoryError, before allocating, when it does not fit.
         include_noise : bool, default=False
             Add the noise variance ``noise_`` to the variances.
 
@@ -406,7 +482,7 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
         if return_std and return_cov:
             raise RuntimeError("At most one of return_std or return_cov can be requested.")
         check_is_fitted(self)
-        X = self._tensor(self._validate_predict_X(X))
+        X = self._validate_predict_X(X)
         mean = self._shape_outputs(self._numpy(self._latent_mean(X)))
         noise = self.noise_ if include_noise else 0.0
         if return_std:
@@ -414,11 +490,13 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
             return mean, self._shape_outputs(self._numpy(std))
         if return_cov:
             m, k = X.shape[0], self.n_outputs_
-            cov = self._latent_covariance(X)
+            # the per-output blocks, and their float64 copy where the dtype differs
+            after = [("the per-output blocks", (m, m, k), torch.float64)]
+            cov = self._latent_covariance(X, "return_cov", after)
             cov.diagonal().add_(noise)
-            cov = cov.reshape(m, k, m, k)
             # per-output blocks cov[i, a, j, a] -> (m, m, k)
-            per_output = self._numpy(torch.einsum("iaja->ija", cov))
+            per_output = torch.einsum("iaja->ija", cov.reshape(m, k, m, k))
+            per_output = self._numpy(per_output)
             return mean, per_output[:, :, 0] if self._y_ndim == 1 else per_output
         return mean
 
@@ -436,13 +514,18 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
         std : ndarray of shape (n_samples,) or (n_samples, n_outputs)
         """
         check_is_fitted(self)
-        variance = self._latent_variance(self._tensor(self._validate_predict_X(X)))
+        variance = self._latent_variance(self._validate_predict_X(X))
         if include_noise:
             variance = variance + self.noise_
         return self._shape_outputs(self._numpy(torch.sqrt(variance)))
 
     def sample_y(self, X, n_samples=1, random_state=0):
         """Draw latent functions from the posterior at X (joint over points and outputs).
+
+        The draws are mean + U·diag(√λ)·z, with U diag(λ) Uᵀ the eigendecomposition
+        of the joint covariance (in float64; negative rounding eigenvalues count as
+        0) and z standard normal. Raises MemoryError, before allocating, when the
+        covariance and its eigendecomposition do not fit.
 
         Parameters
         ----------
@@ -456,11 +539,23 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
             Shape (n_samples_X, n_samples), or (n_samples_X, n_outputs, n_samples)
             for a multi-output fit.
         """
+        validate_parameter_constraints(
+            {"n_samples": [Interval(Integral, 1, None, closed="left")]},
+            {"n_samples": n_samples},
+            caller_name="sample_y",
+        )
         check_is_fitted(self)
-        X = self._tensor(self._validate_predict_X(X))
+        X = self._validate_predict_X(X)
         rng = check_random_state(random_state)
         mean = self._numpy(self._latent_mean(X)).reshape(-1)
-        cov = self._numpy(self._latent_covariance(X))
-        draws = rng.multivariate_normal(mean, cov, n_samples).T
+        rows = X.shape[0] * self.n_outputs_
+        after = [("the float64 copy", (rows, rows), torch.float64)]
+        after += eigh_parts(rows, torch.float64)
+        covariance = self._latent_covariance(X, "sample_y", after).to(torch.float64)
+        eigenvalues, factor = torch.linalg.eigh(covariance)
+        del covariance
+        factor.mul_(eigenvalues.clamp_min(0.0).sqrt())  # U diag(√λ), in place
+        normal = torch.from_numpy(rng.standard_normal((rows, n_samples)))
+        draws = mean[:, None] + (factor @ normal.to(factor.device)).cpu().numpy()
         draws = draws.reshape(X.shape[0], self.n_outputs_, n_samples)
         return draws[:, 0, :] if self._y_ndim == 1 else draws

@@ -44,7 +44,9 @@ import torch
 
 from .._linalg.cg import CGResult, conjugate_gradient
 from .._linalg.lanczos import quadrature, rademacher, stochastic_log_det
+from .._linalg.memory import check_fits, largest
 from .operators import FunctionOperator, ParameterOperator
+from .system import eigh_parts
 
 __all__ = [
     "SpectralEvidence",
@@ -403,6 +405,12 @@ def spectral_evidence(jacobian, residuals, space, structured=None, lanczos=None)
     gram : torch.Tensor or None
         G or F, when assembled (None for Lanczos).
     evidence : SpectralEvidence
+
+    Raises
+    ------
+    MemoryError
+        Before anything is assembled, unless the Gram matrix, its float64
+        eigendecomposition and then the dense solve that reuses the Gram matrix fit.
     """
     r = residuals.reshape(-1)
     if space == "function":
@@ -420,10 +428,24 @@ def spectral_evidence(jacobian, residuals, space, structured=None, lanczos=None)
             options=lanczos,
         )
         return None, evidence
+    _check_spectral(operator)
     gram = operator.gram_dense()
     if space == "function":
         return gram, SpectralEvidence.from_kernel(gram, r)
     return gram, SpectralEvidence.from_fisher(gram, start, float(r @ r), r.numel())
+
+
+def _check_spectral(operator):
+    """The memory guard of :func:`spectral_evidence` and of the dense solve after it."""
+    w, d, f64 = operator.jacobian.w, operator.size, torch.float64
+    eigen = [("the Gram matrix", (d, d))]
+    if w.dtype != f64:
+        eigen.append(("its float64 copy", (d, d), f64))
+    eigen += eigh_parts(d, f64)
+    parts = largest([eigen, operator.dense_parts(gram_held=True)], w.dtype)
+    what = "The exact evidence (noise or prior 'auto' with the dense solver)"
+    advice = "use solver='cg' (a matrix-free evidence), or set noise and prior"
+    check_fits(parts, w.dtype, w.device, what, advice)
 
 
 class StochasticEvidence(NamedTuple):
@@ -509,7 +531,7 @@ def stochastic_log_marginal_likelihood(
         steps=lanczos_steps,
         generator=generator,
     )
-    solve = conjugate_gradient(matmat, r, tol=tol)
+    solve = conjugate_gradient(matmat, r, tol=tol, verify=True)
     quadratic = float(r @ solve.solution)
     value = -0.5 * quadratic - 0.5 * log_det - 0.5 * size * math.log(2 * math.pi)
     return StochasticEvidence(value, std_error, log_det, quadratic, solve)

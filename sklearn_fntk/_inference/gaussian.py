@@ -16,18 +16,23 @@ Predictive variances are exact (a solve per test batch) or low-rank
 """
 
 import math
+import threading
 
 from .evidence import stochastic_log_marginal_likelihood
 from .low_rank import low_rank_from_eigenpairs, low_rank_from_sketch
 from .operators import FunctionOperator, ParameterOperator
-from .system import LinearSystem, build_preconditioner
+from .system import LinearSystem, build_preconditioner, eigh_parts
 
 __all__ = ["GaussianPosterior"]
 
 _ADVICE = {
     "memory": "use solver='cg', or space='auto'",
-    "definite": "increase noise, lower prior, or use dtype='float64'",
+    "definite": "increase noise or lower prior",
 }
+_EVIDENCE_ADVICE = "use log_marginal_likelihood(method='stochastic')"
+# The exact evidence after a CG fit assembles a factor once, at the first call,
+# which may come from several threads at once.
+_EVIDENCE_LOCK = threading.Lock()
 
 
 class GaussianPosterior:
@@ -65,6 +70,10 @@ class GaussianPosterior:
         Posterior mean of w - θ, after :meth:`fit`.
     report : CGResult
         The fit solve's report.
+    condition_number : float or None
+        κ of the system solved by CG (see ``LinearSystem.condition_number``): in a
+        dtype of unit roundoff u, rounding alone may move δ, and the predictive
+        mean, by about u·κ (relative); None for the dense solver.
     rank : int
         Rank of the preconditioner or low-rank variance built (0 if none).
     low_rank : LowRankVariance or None
@@ -132,6 +141,17 @@ class GaussianPosterior:
         low_rank = None
         low_rank_variance = choices.variance == "low_rank"
         exact_eigenpairs = low_rank_variance and operator.size <= policy.eigen_size
+        if choices.solver == "dense":
+            eigen_phase = []
+            if exact_eigenpairs:  # the Gram matrix and its eigendecomposition
+                d, dtype = operator.size, self.jacobian.w.dtype
+                eigen_phase = [("the Gram matrix", (d, d)), *eigh_parts(d, dtype)]
+            system.check_dense(
+                f"{self.space}-space system",
+                _ADVICE["memory"],
+                gram_held=gram is not None or exact_eigenpairs,
+                phases=[eigen_phase],
+            )
         if gram is None and choices.solver == "dense" and exact_eigenpairs:
             gram = operator.gram_dense()  # assembled once for both uses
         variance_options = dict(
@@ -168,16 +188,22 @@ class GaussianPosterior:
             rhs = self.jacobian.vjp(self.residuals.reshape(self._shape))
             report = system.solve(rhs, callback=callback)
             delta = report.solution
+        self.condition_number = None
+        if choices.solver == "cg":
+            self.condition_number = system.condition_number(generator)
         variance_system = system
         factored = choices.variance == "exact" and choices.solver == "cg"
         if factored and operator.size <= policy.variance_factor_max_size:
             # exact variances from one dense factor, whatever n: a Cholesky solve
             # per test batch instead of a CG solve
             dense = LinearSystem(operator, solver="dense", tol=self.tol)
+            what = f"{self.space}-space system"
             try:
-                dense.build(gram=gram, what=f"{self.space}-space system", advice=_ADVICE)
+                dense.check_dense(what, _ADVICE["memory"], gram_held=gram is not None)
             except MemoryError:  # too large for memory now: CG solves per batch
                 dense = system
+            else:
+                dense.build(gram=gram, what=what, advice=_ADVICE)
             variance_system = dense
         ranks = [0 if low_rank is None else low_rank.rank]
         ranks.append(getattr(preconditioner, "rank", 0))
@@ -198,6 +224,12 @@ class GaussianPosterior:
         return None if self.low_rank is None else self.low_rank.tail_weight
 
     # -- predictions ------------------------------------------------------------------
+
+    def check_covariance(self, n_rows, what, advice, after=()):
+        """Raise MemoryError unless the full covariance over ``n_rows`` test rows
+        (m·k) fits, with what the caller then holds (``after``); see
+        :meth:`LinearSystem.check_covariance`."""
+        return self.system.check_covariance(n_rows, what, advice, after)
 
     def covariance(self, X, diagonal):
         """Posterior covariance of the latent outputs J* δ at test inputs X.
@@ -242,21 +274,29 @@ class GaussianPosterior:
             generator=generator,
         )
 
+    def evidence_factor(self):
+        """The Cholesky factor of the system, for the exact evidence: the solver's,
+        or after a CG fit one assembled at the first call and kept (apart from the
+        solver's state); thread-safe."""
+        if self.variance_system.factor is not None:  # the solver's, or the variances'
+            return self.variance_system.factor
+        with _EVIDENCE_LOCK:
+            factor = self.__dict__.get("_evidence_factor")
+            if factor is None:
+                what = f"{self.space}-space system"
+                self.system.check_dense(
+                    f"{what} (for the exact evidence)", _EVIDENCE_ADVICE
+                )
+                factor = self.system.factor_dense(None, what, _ADVICE)
+                self._evidence_factor = factor
+        return factor
+
     def log_marginal_likelihood(self):
         """log p(y) at this prior and noise; exact (uses a Cholesky factor).
 
         After a CG fit the factor of the same space is assembled here, once.
         """
-        factor = self.variance_system.factor
-        if factor is None:  # assembled once, kept apart from the solver's state
-            factor = self.__dict__.get("_evidence_factor")
-        if factor is None:
-            advice = {
-                **_ADVICE,
-                "memory": "use log_marginal_likelihood(method='stochastic')",
-            }
-            factor = self.system.factor_dense(None, f"{self.space}-space system", advice)
-            self._evidence_factor = factor
+        factor = self.evidence_factor()
         r, d = self.residuals, self.residuals.numel()
         solution = self.report.solution
         log_det_factor = 2.0 * factor.diagonal().log().sum()

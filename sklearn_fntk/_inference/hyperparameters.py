@@ -68,8 +68,9 @@ class EvidenceOptimum(NamedTuple):
         log p(σ²) there (0 without a hyperprior).
     converged : bool
         Whether L-BFGS-B reported success for the best start.
-    at_bound : bool
-        Whether a fitted variance ended at its search bound.
+    bounds_hit : tuple of str
+        The search bounds where a fitted variance ended: "noise lower",
+        "noise upper", "prior lower", "prior upper".
     """
 
     noise: float
@@ -77,7 +78,7 @@ class EvidenceOptimum(NamedTuple):
     log_marginal_likelihood: float
     log_hyperprior: float
     converged: bool
-    at_bound: bool
+    bounds_hit: tuple
 
 
 @dataclass(frozen=True)
@@ -190,17 +191,18 @@ def maximize_evidence(
         best_point, converged = unpack(best.x), bool(best.success or stationary)
     value, prior_value, _ = terms(best_point)
     margin = 1e-6 * (log_bounds[:, 1] - log_bounds[:, 0])
-    at_bound = any(
-        fit[i]
-        and (
-            best_point[i] <= log_bounds[i, 0] + margin[i]
-            or best_point[i] >= log_bounds[i, 1] - margin[i]
+    bounds_hit = tuple(
+        f"{name} {side}"
+        for i, name in enumerate(("noise", "prior"))
+        for side, hit in (
+            ("lower", best_point[i] <= log_bounds[i, 0] + margin[i]),
+            ("upper", best_point[i] >= log_bounds[i, 1] - margin[i]),
         )
-        for i in range(2)
+        if fit[i] and hit
     )
     noise, prior = (float(np.exp(best_point[i])) if fit[i] else start[i] for i in range(2))
     return EvidenceOptimum(
-        float(noise), float(prior), float(value), float(prior_value), converged, at_bound
+        float(noise), float(prior), float(value), float(prior_value), converged, bounds_hit
     )
 
 

@@ -51,7 +51,7 @@ _ARMIJO = 1e-4
 _MAX_HALVINGS = 40
 _ADVICE = {
     "memory": "use solver='cg', or space='auto'",
-    "definite": "increase prior, or use dtype='float64' if it is not already",
+    "definite": "lower prior",
 }
 
 
@@ -103,7 +103,10 @@ class LaplacePosterior:
     cg_iterations : int
         CG iterations summed over the Newton steps (1 per dense solve).
     unconverged_solves : int
-        Newton steps whose CG solve stopped at ``max_iter``.
+        Newton steps whose CG solve fell short of its stopping rule.
+    drifted_solves : int
+        Of those, the solves whose recurrence met the rule but whose true residual
+        did not (rounding; see ``conjugate_gradient``).
     converged : bool
         Whether ‖g‖ ≤ tol·‖g₀‖ was reached.
     stalled : bool
@@ -160,6 +163,8 @@ class LaplacePosterior:
         """
         self._generator = generator
         self._gram = None
+        if self.choices.solver == "dense":
+            self._check_dense()
         if self.choices.space == "function" and self.choices.solver == "dense":
             # G = J Jᵀ, assembled once: only Λ changes between Newton iterations
             self._gram = FunctionOperator(self.jacobian, prior=1.0, shift=1.0).gram_dense()
@@ -167,8 +172,19 @@ class LaplacePosterior:
         self.system = self._system(probs)
         return self
 
-    def _system(self, probs):
-        """The solver of H at the probabilities π: Λ_i = v_i (diag(π_i) - π_i π_iᵀ)."""
+    def _check_dense(self):
+        """Raise MemoryError unless the dense Newton steps fit, before any is taken:
+        the Gram matrix J Jᵀ kept through the fit (function space), and one system
+        at a time with its factor."""
+        delta = self.offsets.new_zeros(self.jacobian.n_params)
+        operator, what = self._operator(self._objective(self.offsets, delta)[1])
+        system = LinearSystem(operator, solver="dense", tol=self.tol)
+        gram_held = self.choices.space == "function"
+        system.check_dense(what, _ADVICE["memory"], gram_held=gram_held)
+
+    def _operator(self, probs):
+        """The operator of H at the probabilities π, Λ_i = v_i (diag(π_i) - π_i π_iᵀ),
+        and what it is called in messages."""
         curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
         curvature = self._weights[:, None, None] * curvature
         if self.choices.space == "parameter":
@@ -181,6 +197,11 @@ class LaplacePosterior:
                 self.jacobian, prior=self.prior, shift=1.0, root=psd_sqrt(curvature)
             )
             what = "Laplace system B"
+        return operator, what
+
+    def _system(self, probs):
+        """The solver of H at the probabilities π (see :meth:`_operator`)."""
+        operator, what = self._operator(probs)
         system = LinearSystem(
             operator, solver=self.choices.solver, tol=self.tol, max_iter=self.max_iter
         )
@@ -241,15 +262,18 @@ class LaplacePosterior:
         gradient = self._gradient(probs, delta)
         initial_norm = gradient_norm = float(torch.linalg.vector_norm(gradient))
         stopping = self.tol * initial_norm
-        self.cg_iterations = self.unconverged_solves = 0
+        self.cg_iterations = self.unconverged_solves = self.drifted_solves = 0
         self.converged = self.stalled = False
         for iteration in range(1, self.max_newton_iter + 1):
-            system = self._system(probs)
             forcing = self._forcing(gradient_norm, initial_norm)
-            step, solve = self._inverse(system, -gradient[:, None], forcing, callback)
+            # the system is dropped once solved: one (and its factor) at a time
+            step, solve = self._inverse(
+                self._system(probs), -gradient[:, None], forcing, callback
+            )
             cg_iterations = int(solve.n_iter.max())
             self.cg_iterations += cg_iterations
             self.unconverged_solves += not solve.all_converged
+            self.drifted_solves += solve.any_drifted
             step = step[:, 0]
             direction = self.jacobian.jvp(step)  # J d: the logits move by t·J d
             accepted = self._line_search(

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .._linalg.memory import check_fits
 from .._linalg.preconditioners import NystromPreconditioner
 from .operators import ParameterOperator
-from .system import nystrom_sketch
+from .system import eigh_parts, nystrom_sketch
 
 __all__ = ["LowRankVariance", "low_rank_from_eigenpairs", "low_rank_from_sketch"]
 
@@ -86,7 +87,11 @@ def low_rank_from_eigenpairs(operator, *, prior, noise, rank, gram, policy):
     LowRankVariance
     """
     op = operator
-    if gram is None:
+    if gram is None:  # else the caller checked
+        w, d = op.jacobian.w, op.size
+        parts = [("the Gram matrix", (d, d)), *eigh_parts(d, w.dtype)]
+        advice = "use variance='exact'"
+        check_fits(parts, w.dtype, w.device, "The exact low-rank variance", advice)
         gram = op.gram_dense()
     fisher, E = torch.linalg.eigh(gram)
     fisher, E = fisher.flip(0), E.flip(1)  # descending

@@ -59,6 +59,20 @@ class _Operator:
         A.diagonal().add_(self.shift)
         return A
 
+    def dense_parts(self, gram_held):
+        """What assembling the dense system and its Cholesky factor holds at its
+        peak: (label, shape) pairs for :func:`check_fits`.
+
+        Parameters
+        ----------
+        gram_held : bool
+            Whether the caller holds the Gram matrix (J Jᵀ or JᵀΛJ) meanwhile.
+        """
+        d = (self.size, self.size)
+        # Parameter space: the Gram matrix becomes the system in place, and while
+        # it is assembled it is one matrix and the next block's product.
+        return [("the system", d), ("its Cholesky factor", d)]
+
     def test_jacobian(self, X):
         """Jacobian rows of test inputs X at θ, shape (m·k, p)."""
         return explicit_jacobian(self.jacobian.network, self.jacobian.w, X).flatten(0, 1)
@@ -141,15 +155,18 @@ class ParameterOperator(_Operator):
         )
 
     def gram_dense(self):
-        """Jᵀ Λ J = Σ_chunks J_cᵀ Λ_c J_c from explicit Jacobian blocks."""
-        blocks = self.jacobian.jacobian_blocks()
-        if self.curvature is None:
-            return sum(J.flatten(0, 1).T @ J.flatten(0, 1) for _, J in blocks)
-        total = 0
-        for c, J in blocks:
-            curved = torch.einsum("iab,ibp->iap", self.curvature[c], J)
-            total = total + J.flatten(0, 1).T @ curved.flatten(0, 1)
+        """Jᵀ Λ J = Σ_chunks J_cᵀ Λ_c J_c from explicit Jacobian blocks, summed in
+        place (two p x p matrices at a time: the sum and the next product)."""
+        total = None
+        for c, J in self.jacobian.jacobian_blocks():
+            curved = J if self.curvature is None else self._curved(c, J)
+            product = J.flatten(0, 1).T @ curved.flatten(0, 1)
+            total = product if total is None else total.add_(product)
         return total
+
+    def _curved(self, rows, J):
+        """Λ_i J_i for the rows ``rows``: shape (b, k, p)."""
+        return torch.einsum("iab,ibp->iap", self.curvature[rows], J)
 
     def psd_dense(self, gram=None):
         """P = Jᵀ Λ J assembled, shape (p, p) (``gram`` if given)."""
@@ -238,6 +255,18 @@ class FunctionOperator(_Operator):
                 G[rows[i], rows[j]] = block
                 G[rows[j], rows[i]] = block.T
         return G
+
+    def dense_parts(self, gram_held):
+        """As :meth:`_Operator.dense_parts`. Function space assembles s·G (a copy of
+        G), then with a curvature Λ^½ (s·G) Λ^½ (an intermediate and the result), and
+        factors it; the Gram matrix G is freed meanwhile unless the caller holds it."""
+        d = (self.size, self.size)
+        parts = [("the system", d), ("its Cholesky factor", d)]
+        if gram_held:
+            parts.insert(0, ("the Gram matrix J Jᵀ", d))
+        if self.root is not None:  # s·G, then Λ^½ (s·G) and the system
+            parts[-2:] = [("s·J Jᵀ", d), ("the curvature products", (2, *d))]
+        return parts
 
     def psd_dense(self, gram=None):
         """P = s·Λ^½ G Λ^½ assembled, shape (n·k, n·k), from ``gram`` = G if given:

@@ -12,7 +12,8 @@ import torch
 
 from .._linalg.cg import CGResult, conjugate_gradient
 from .._linalg.dense import cholesky
-from .._linalg.memory import check_fits
+from .._linalg.lanczos import largest_eigenvalue
+from .._linalg.memory import check_fits, largest
 from .._linalg.preconditioners import (
     JacobiPreconditioner,
     NystromPreconditioner,
@@ -20,7 +21,25 @@ from .._linalg.preconditioners import (
 )
 from .operators import ParameterOperator
 
-__all__ = ["LinearSystem", "build_preconditioner", "nystrom_sketch"]
+__all__ = ["LinearSystem", "build_preconditioner", "eigh_parts", "nystrom_sketch"]
+
+# Vectors of shape (d, m) that a block CG solve holds at once: X, R, Z and P, and
+# per iteration the active columns' P, R, A P, their updates and M R; the true
+# residual at the end.
+_CG_VECTORS = 10
+
+
+def eigh_parts(size, dtype):
+    """What a symmetric eigendecomposition of a (size, size) matrix adds at its peak
+    (LAPACK's syevd: the eigenvectors and a workspace of twice their size)."""
+    return [("its eigendecomposition and workspace", (3, size, size), dtype)]
+
+
+def definite_advice(advice, dtype):
+    """``advice``, plus float64 where the system is in another dtype."""
+    if dtype == torch.float64:
+        return advice
+    return f"{advice}, or use dtype='float64'"
 
 
 def nystrom_sketch(operator, *, ratio, rank, max_rank, generator, policy):
@@ -160,8 +179,9 @@ class LinearSystem:
         what : str
             What the system is, for error messages.
         advice : dict
-            What to change, for error messages: under "memory" when the dense system
-            does not fit, under "definite" when its Cholesky factorisation fails.
+            What to change, for error messages: under "definite" when its Cholesky
+            factorisation fails (float64 is suggested where the system is in
+            another dtype). Memory is checked beforehand (:meth:`check_dense`).
 
         Returns
         -------
@@ -173,13 +193,52 @@ class LinearSystem:
             self.preconditioner = preconditioner
         return self
 
-    def factor_dense(self, gram, what, advice):
-        """Cholesky factor of the assembled operator, after checking it fits
-        (``what`` and ``advice`` as in :meth:`build`)."""
+    def check_dense(self, what, advice, *, gram_held=False, phases=()):
+        """Raise MemoryError unless the dense path fits, before it allocates.
+
+        Parameters
+        ----------
+        what : str
+            The path, for the message.
+        advice : str
+            What to change, for the message.
+        gram_held : bool, default=False
+            Whether the caller holds the Gram matrix meanwhile (see
+            ``dense_parts``).
+        phases : sequence of lists of parts, default=()
+            Other phases of the caller's path (see :func:`check_fits`); the peak
+            is the largest phase.
+
+        Returns
+        -------
+        int
+            The predicted peak in bytes.
+        """
         w = self.operator.jacobian.w
-        shape = (self.size, self.size)
-        check_fits(shape, w.dtype, w.device, f"The dense {what}", advice["memory"])
-        return cholesky(self.operator.dense(gram), what, advice["definite"])
+        parts = largest([self.operator.dense_parts(gram_held), *phases], w.dtype)
+        return check_fits(parts, w.dtype, w.device, f"The dense {what}", advice)
+
+    def factor_dense(self, gram, what, advice):
+        """Cholesky factor of the assembled operator (``what`` and ``advice`` as in
+        :meth:`build`; memory is checked by :meth:`check_dense`)."""
+        w = self.operator.jacobian.w
+        advice = definite_advice(advice["definite"], w.dtype)
+        return cholesky(self.operator.dense(gram), what, advice)
+
+    def condition_number(self, generator=None):
+        """κ(A) = (λ_max(P) + c)/c, the condition number of A = P + c·I.
+
+        λ_max(P) from the preconditioner where it knows it (Nyström, pivoted
+        Cholesky: their approximation of P's top), else from 20 Lanczos steps.
+        """
+        op = self.operator
+        top = getattr(self.preconditioner, "largest_eigenvalue", None)
+        if top is None:
+            w = op.jacobian.w
+            top = largest_eigenvalue(
+                op.psd_matmat, op.size, dtype=w.dtype, device=w.device, generator=generator
+            )
+        return (max(top, 0.0) + op.shift) / op.shift
 
     def solve(self, B, *, tol=None, stop=None, callback=None):
         """A⁻¹ B for B of shape (d,) or (d, m).
@@ -218,6 +277,7 @@ class LinearSystem:
             max_iter=self.max_iter,
             callback=callback,
             stop=stop,
+            verify=True,
         )
 
     def inverse_form(self, B, prior, mode):
@@ -277,6 +337,41 @@ class LinearSystem:
             _combine(B, Z, mode, k) + _combine(Z, B, mode, k) - _combine(Z, AZ, mode, k)
         )
         return values, result
+
+    def covariance_parts(self, n_rows):
+        """What a full covariance over ``n_rows`` = m·k test rows holds at its peak.
+
+        The test Jacobian (m·k, p) (none with the layerwise kernel), in function
+        space the prior covariance and the cross kernel (n·k, m·k), the solve's
+        vectors (right-hand side and solution, or the CG vectors), and the two
+        (m·k, m·k) terms of the result.
+        """
+        op, m = self.operator, n_rows
+        size = op.size
+        parts = []
+        if getattr(op, "structured", None) is None:
+            parts.append(("the test Jacobian", (m, op.n_params)))
+        if not isinstance(op, ParameterOperator):
+            parts.append(("the cross kernel", (2, size, m)))
+        if self.factor is not None:
+            parts.append(("the solve's right-hand side and solution", (2, size, m)))
+        else:
+            parts.append(("the conjugate-gradient vectors", (_CG_VECTORS, size, m)))
+        return parts + [("the covariance and its terms", (3, m, m))]
+
+    def check_covariance(self, n_rows, what, advice, after=()):
+        """Raise MemoryError unless a full covariance over ``n_rows`` test rows fits,
+        and what the caller then holds besides it (``after``, parts).
+
+        Returns
+        -------
+        int
+            The predicted peak in bytes.
+        """
+        w = self.operator.jacobian.w
+        result = [("the covariance", (n_rows, n_rows))]
+        parts = largest([self.covariance_parts(n_rows), result + list(after)], w.dtype)
+        return check_fits(parts, w.dtype, w.device, what, advice)
 
     def covariance(self, X, mode, parameter_scale):
         """Posterior covariance of the latent outputs J*(w - θ) at test inputs X.

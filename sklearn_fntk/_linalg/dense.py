@@ -19,12 +19,18 @@ def cholesky(matrix, what, advice):
 
     Raises
     ------
+    FloatingPointError
+        When the matrix has NaN or infinite entries (nothing to advise: what fed it
+        is not finite).
     ValueError
         When the factorisation breaks down (the matrix is not numerically positive
         definite in its dtype).
     """
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
+    failed = int(info) != 0 or not bool(torch.isfinite(factor.diagonal()).all())
+    if failed and not bool(torch.isfinite(matrix).all()):
+        raise FloatingPointError(f"The {what} has NaN or infinite entries.")
+    if failed:
         raise ValueError(
             f"The {what} is not numerically positive definite in {matrix.dtype}; {advice}."
         )

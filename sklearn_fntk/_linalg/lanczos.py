@@ -11,7 +11,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LogDetEstimate", "lanczos", "quadrature", "rademacher", "stochastic_log_det"]
+__all__ = [
+    "LogDetEstimate",
+    "lanczos",
+    "largest_eigenvalue",
+    "quadrature",
+    "rademacher",
+    "stochastic_log_det",
+]
 
 
 class LogDetEstimate(NamedTuple):
@@ -89,6 +96,41 @@ def lanczos(matmat, Q, steps):
     return alpha, beta, lengths
 
 
+def _tridiagonal(alpha, beta, lengths, column):
+    """The Lanczos tridiagonal T of column ``column`` (its ``lengths`` steps)."""
+    L = int(lengths[column])
+    off_diagonal = beta[: L - 1, column]
+    return torch.diag(alpha[:L, column]) + off_diagonal.diag(1) + off_diagonal.diag(-1)
+
+
+def largest_eigenvalue(matmat, size, *, dtype, device, steps=20, generator=None):
+    """The largest eigenvalue of a symmetric A, from ``steps`` Lanczos steps.
+
+    The largest Ritz value, a lower bound that converges fast (the extreme
+    eigenvalues first): after 20 steps from a random start it is typically within a
+    few percent, with ``steps`` products with A.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``matmat(V) -> A V`` for V of shape (d, m).
+    size : int
+        d.
+    dtype : torch.dtype
+    device : torch.device or str
+    steps : int, default=20
+    generator : torch.Generator or None
+        Draws the start.
+
+    Returns
+    -------
+    float
+    """
+    start = torch.randn(size, 1, dtype=dtype, device=device, generator=generator)
+    alpha, beta, lengths = lanczos(matmat, start / torch.linalg.vector_norm(start), steps)
+    return float(torch.linalg.eigvalsh(_tridiagonal(alpha, beta, lengths, 0)).max())
+
+
 def quadrature(matmat, Q, steps):
     """Gauss quadrature nodes and weights of the spectral measure of each column of Q.
 
@@ -118,9 +160,7 @@ def quadrature(matmat, Q, steps):
     alpha, beta, lengths = lanczos(matmat, Q / norms, steps)
     rules = []
     for i in range(Q.shape[1]):
-        L = int(lengths[i])
-        off_diagonal = beta[: L - 1, i]
-        T = torch.diag(alpha[:L, i]) + off_diagonal.diag(1) + off_diagonal.diag(-1)
+        T = _tridiagonal(alpha, beta, lengths, i)
         theta, S = torch.linalg.eigh(T.to(torch.float64))
         rules.append((theta, S[0] ** 2))
     return rules

@@ -16,6 +16,7 @@ shift (or the P-product directly), not ``operator.matmat`` itself.
 """
 
 import math
+import threading
 
 import torch
 
@@ -25,6 +26,9 @@ import torch
 PIVOT_COST = 0.2
 # Default cap on the rank of an adaptive Nyström preconditioner (a (d, r) factor).
 NYSTROM_MAX_RANK = 512
+# PivotedCholeskyPreconditioner.complete runs at predict time, possibly from several
+# threads at once: one of them completes the factor, the others then find it done.
+_COMPLETION_LOCK = threading.Lock()
 
 __all__ = [
     "JacobiPreconditioner",
@@ -275,6 +279,11 @@ class NystromPreconditioner:
         self._inverse_eigenvalues = 1.0 / (self.eigenvalues + shift)
         self._complement_scale = 1.0 / (float(self.eigenvalues[-1]) + shift)
 
+    @property
+    def largest_eigenvalue(self):
+        """λ̂_1, the largest eigenvalue of the approximation of P (≤ λ_max(P))."""
+        return float(self.eigenvalues[0])
+
     def __call__(self, R):
         # M R = U (Λ̂ + μI)⁻¹ Uᵀ R + (λ̂_r + μ)⁻¹ (R - U Uᵀ R), in the factors' dtype
         U = self.eigenvectors
@@ -355,8 +364,10 @@ class PivotedCholeskyPreconditioner:
         """Resume the factorisation up to ``rank`` columns (or ``tol``), ignoring
         ``cg_tol``: for solves with many right-hand sides, such as one per test
         point. The greedy pivots continue where they stopped, so the factor is the
-        one that ``cg_tol=None`` would have built."""
-        self._factorize(None)
+        one that ``cg_tol=None`` would have built. Thread-safe: the factor it
+        leaves is the same whichever thread completes it."""
+        with _COMPLETION_LOCK:
+            self._factorize(None)
 
     def _factorize(self, cg_tol):
         """Add greedy columns until a stopping rule holds; then set the factor (only
@@ -390,6 +401,13 @@ class PivotedCholeskyPreconditioner:
         core = self.factor.T @ self.factor
         core.diagonal().add_(self.shift)
         self._core_factor = torch.linalg.cholesky(core)
+
+    @property
+    def largest_eigenvalue(self):
+        """The largest eigenvalue of L Lᵀ (≤ λ_max(P)), from the r x r LᵀL."""
+        if self.rank == 0:
+            return 0.0
+        return float(torch.linalg.eigvalsh(self.factor.T @ self.factor)[-1])
 
     def _built_enough(self, n_columns, largest_remaining, cg_tol):
         """The ``cg_tol`` stopping rule, after ``n_columns`` columns."""

@@ -20,12 +20,17 @@ Iterative solvers apply J and Jᵀ many times to the same data. When the saved
 activations fit ``cache_bytes``, the forward pass of every chunk is done once: the VJP
 closure and the double-VJP closure built on it are kept, and each later product only
 runs the backward graphs.
+
+Forward mode keeps its dual levels in global state: every forward-mode section (a
+``jvp``, a ``vmap`` over ``jvp``) holds ``NETWORK_LOCK`` (see :mod:`.network`), so
+that products from several threads do not interleave.
 """
 
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
 from .._linalg.memory import check_fits
+from .network import NETWORK_LOCK
 
 __all__ = [
     "JacobianProducts",
@@ -60,7 +65,8 @@ def scale_rows(array, scale, rows=slice(None)):
 def _forward_mode_available(network, w, X):
     """Whether ``torch.func.jvp`` runs through the network on a sample of X."""
     try:
-        jvp(lambda w_: network(w_, X[:1]), (w,), (torch.zeros_like(w),))
+        with NETWORK_LOCK:
+            jvp(lambda w_: network(w_, X[:1]), (w,), (torch.zeros_like(w),))
     except NotImplementedError:
         return False
     return True
@@ -76,13 +82,15 @@ def _activation_bytes(module, call):
             total += output.numel() * output.element_size()
 
     leaves = [m for m in module.modules() if next(m.children(), None) is None]
-    handles = [leaf.register_forward_hook(count) for leaf in leaves]
+    with NETWORK_LOCK:  # hooks on a module another thread may be calling
+        handles = [leaf.register_forward_hook(count) for leaf in leaves]
     try:
         with torch.no_grad():
             call()
     finally:
-        for handle in handles:
-            handle.remove()
+        with NETWORK_LOCK:
+            for handle in handles:
+                handle.remove()
     return total
 
 
@@ -357,10 +365,10 @@ def outputs_and_jvp(network, w, X, V, forward_mode=True):
     def product(v):
         return jvp(lambda w_: network(w_, X), (w,), (v,))
 
-    if V.ndim == 1:
-        return product(V)
-    outputs, JV = vmap(product, in_dims=1, out_dims=(None, 2))(V)
-    return outputs, JV
+    with NETWORK_LOCK:
+        if V.ndim == 1:
+            return product(V)
+        return vmap(product, in_dims=1, out_dims=(None, 2))(V)
 
 
 def explicit_jacobian(network, w, X):
@@ -368,7 +376,7 @@ def explicit_jacobian(network, w, X):
     with torch.no_grad():
         n_outputs = network(w, X[:1]).shape[1]
     check_fits(
-        (X.shape[0], n_outputs, w.numel()),
+        [("the block", (X.shape[0], n_outputs, w.numel()))],
         w.dtype,
         w.device,
         "An explicit Jacobian block",

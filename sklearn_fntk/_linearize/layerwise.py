@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .jacobian import EXPLICIT_BLOCK_BYTES, scale_rows
+from .network import NETWORK_LOCK
 
 __all__ = ["LayerwiseKernel", "supports_structured"]
 
@@ -244,6 +245,7 @@ class LayerwiseKernel:
         }
         # Values at θ of the linearized parameters; the others are the module's own.
         self._values = network.unflatten(network.theta)
+        self._copies_input = network.copies_input
         self.n_samples = X.shape[0]
         self._features, outputs = [], []
         for start in range(0, self.n_samples, batch_size):
@@ -263,8 +265,9 @@ class LayerwiseKernel:
         """
         first = min(self._layers)
         Z, layer_outputs = [], []
-        h = X
-        with torch.enable_grad():
+        h = X.clone() if self._copies_input else X  # see FunctionalNetwork
+        # the layers are the private copy's, which other threads may call
+        with torch.enable_grad(), NETWORK_LOCK:
             for position, (path, layer) in enumerate(self._leaves):
                 if type(layer) is not nn.Linear:
                     h = layer(h)

@@ -5,14 +5,30 @@ downstream (Jacobian products, operators, solvers) works with flat p-vectors, so
 module owns the one mapping between a p-vector and the module's named parameters.
 The user's module is deep-copied (as skorch does) and the copy is put in eval mode;
 the original is never touched.
+
+Thread safety: ``functional_call`` swaps the given tensors into the module for the
+duration of a call, and forward-mode AD (``torch.func.jvp``) keeps its dual levels in
+global state, so two threads evaluating the network at once corrupt each other's
+results. Every evaluation of the module, and every forward-mode section
+(:mod:`.jacobian`), holds ``NETWORK_LOCK``; backward passes through graphs built
+earlier need no lock.
 """
 
 import copy
+import threading
 
 import torch
 from torch.func import functional_call
 
-__all__ = ["FunctionalNetwork", "default_mlp"]
+__all__ = ["NETWORK_LOCK", "FunctionalNetwork", "NetworkOutputError", "default_mlp"]
+
+# Held by every call of a module through ``functional_call`` and every forward-mode
+# section; reentrant, since a forward-mode section calls the network.
+NETWORK_LOCK = threading.RLock()
+
+
+class NetworkOutputError(TypeError):
+    """The module returned something other than one tensor."""
 
 
 class FunctionalNetwork:
@@ -36,6 +52,11 @@ class FunctionalNetwork:
         Selected parameter names, in ``named_parameters`` order.
     theta : torch.Tensor of shape (p,)
         The trained values of the selected parameters, flattened.
+    copies_input : bool
+        Whether every call passes the module a copy of X, set by :meth:`probe` when
+        the module writes to its input (``x -= m``, ``ReLU(inplace=True)`` first):
+        the training inputs are evaluated many times, and torch.func's transforms
+        refuse to let a function write to a tensor it did not create.
     """
 
     def __init__(self, module, parameters=None, *, dtype, device):
@@ -65,6 +86,7 @@ class FunctionalNetwork:
         self.shapes = [named[name].shape for name in self.names]
         self.sizes = [named[name].numel() for name in self.names]
         self.theta = torch.cat([named[name].detach().reshape(-1) for name in self.names])
+        self.copies_input = False
 
     @property
     def n_params(self):
@@ -78,10 +100,45 @@ class FunctionalNetwork:
             for name, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
         }
 
+    def _apply(self, w, X):
+        """The module's own output at parameters w, checked to be one tensor."""
+        if self.copies_input:
+            X = X.clone()
+        with NETWORK_LOCK:
+            out = functional_call(self.module, self.unflatten(w), (X,))
+        if not isinstance(out, torch.Tensor):
+            raise NetworkOutputError(
+                f"The network returned a {type(out).__name__}, not a tensor: it must "
+                "map a batch (n, ...) to one tensor of outputs (n,) or (n, k). Wrap it "
+                "in a module that returns the output to linearize (for example "
+                "out[0] or out['logits'])."
+            )
+        return out
+
     def __call__(self, w, X):
         """Outputs ``f(w, X)`` flattened per sample to shape (n, k)."""
-        out = functional_call(self.module, self.unflatten(w), (X,))
-        return out.reshape(X.shape[0], -1)
+        return self._apply(w, X).reshape(X.shape[0], -1)
+
+    def probe(self, X):
+        """The module's output at θ on X, as the module returns it (not flattened).
+
+        Records whether the module wrote to its input (``copies_input``): in-place
+        operations bump a tensor's version counter, whether they change values or
+        not. X itself may be written to; pass a copy.
+
+        Parameters
+        ----------
+        X : torch.Tensor of shape (b, ...)
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        version = X._version
+        with torch.no_grad():
+            out = self._apply(self.theta, X)
+        self.copies_input = self.copies_input or X._version != version
+        return out
 
     def single(self, w, x):
         """``f(w, x)`` for one sample ``x`` (no batch axis): shape (k,)."""

@@ -1,0 +1,134 @@
+"""What the estimators tell the user: warnings at the user's line, errors that name
+the rows and the stage where values stopped being finite, and solver reports
+(``CGResult``) turned into ConvergenceWarnings that name the parameter to change.
+
+The layers below report (result objects, exceptions); only the estimator layer
+warns, through :func:`warn`.
+"""
+
+import os
+import sys
+import warnings
+
+import sklearn
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+__all__ = [
+    "actions",
+    "check_finite",
+    "nonfinite_error",
+    "nonfinite_rows",
+    "warn",
+    "warn_solve",
+]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# sklearn's _fit_context wraps every fit (and the mixins' score calls predict) here.
+_SKLEARN_BASE = os.path.join(os.path.dirname(os.path.abspath(sklearn.__file__)), "base.py")
+
+
+def _internal(filename):
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE + os.sep) or path == _SKLEARN_BASE
+
+
+def warn(message, category=UserWarning):
+    """``warnings.warn`` pointing at the first frame outside this package (and
+    sklearn's fit wrapper): the user's line, however deep the call."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def nonfinite_rows(values):
+    """Indices of the rows (first axis) of ``values`` with a NaN or infinite entry."""
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    return torch.nonzero(bad).reshape(-1).tolist()
+
+
+def nonfinite_error(rows, n_rows, what, advice, offset=0):
+    """The ValueError of :func:`check_finite` for the rows ``rows`` of ``n_rows``
+    (an empty list where the values were seen in a product only)."""
+    where = ""
+    if rows:
+        shown = ", ".join(str(offset + row) for row in rows[:10])
+        more = ", ..." if len(rows) > 10 else ""
+        where = f" for {len(rows)} of {n_rows} samples (rows {shown}{more})"
+    return ValueError(f"{what} are NaN or infinite{where}; {advice}.")
+
+
+def check_finite(values, what, advice, offset=0):
+    """Raise ValueError naming the rows of ``values`` (n, ...) that are not finite.
+
+    Parameters
+    ----------
+    values : torch.Tensor of shape (n, ...)
+    what : str
+        What the values are and where they come from, for the message ("The
+        network's outputs on X").
+    advice : str
+        The likely cause and what to do.
+    offset : int, default=0
+        Index of the first row in the caller's numbering (chunks).
+    """
+    rows = nonfinite_rows(values)
+    if rows:
+        raise nonfinite_error(rows, values.shape[0], what, advice, offset)
+
+
+def actions(*choices):
+    """ "Use dtype='float64', increase noise, or loosen tol.": the non-empty choices
+    as one sentence."""
+    choices = [choice for choice in choices if choice]
+    text = choices[0] if len(choices) == 1 else ", ".join(choices[:-1])
+    if len(choices) > 1:
+        text += f", or {choices[-1]}"
+    return text[0].upper() + text[1:] + "."
+
+
+def warn_solve(name, report, stage, *, tol, dtype, advice):
+    """A ConvergenceWarning where a CG solve (``report``, a CGResult, or None for
+    none) fell short of its stopping rule, naming what to change.
+
+    Parameters
+    ----------
+    name : str
+        The estimator's class name.
+    report : CGResult or None
+    stage : str
+        Which solve, for the message ("the fit's solve").
+    tol : float
+        The tolerance it ran under.
+    dtype : str
+        The dtype it ran in ("float32" or "float64").
+    advice : str
+        What helps the conditioning ("increase noise", "lower prior").
+    """
+    if report is None or report.all_converged:
+        return
+    total = report.converged.numel()
+    if report.any_drifted:
+        worst = float(report.true_residual_norms[report.drifted].max())
+        float64 = "use dtype='float64'" if dtype != "float64" else ""
+        warn(
+            f"{name}: conjugate gradient ({stage}) met the stopping rule at "
+            f"tol={tol:g} by its recurrence, but the true residual ‖b - Ax‖/‖b‖ of "
+            f"{int(report.drifted.sum())} of {total} right-hand sides is "
+            f"{worst:.3g} after {report.restarts} restart(s): rounding in {dtype} "
+            "made the recurrence drift, and the result is less accurate than tol "
+            f"says. {actions(float64, advice, 'loosen tol')}",
+            ConvergenceWarning,
+        )
+        return
+    unconverged = int((~report.converged).sum())
+    fixes = actions("increase max_iter", "loosen tol", advice, "use solver='dense'")
+    warn(
+        f"{name}: conjugate gradient ({stage}) stopped after "
+        f"max_iter={report.max_iter} iterations with {unconverged} of {total} "
+        f"right-hand sides short of the stopping rule at tol={tol:g} (worst relative "
+        f"residual {float(report.residual_norms.max()):.3g}). "
+        f"{fixes}",
+        ConvergenceWarning,
+    )
