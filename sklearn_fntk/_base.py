@@ -337,15 +337,15 @@ class FiniteNTKBase(BaseEstimator):
         n_outputs : int
             Outputs per sample the targets need (and the default network has).
         check_count : callable or None
-            ``check_count(n_network, raw_shape)`` raises unless the network's
-            output count suits the targets; None: it must be ``n_outputs``.
+            ``check_count(n_network)`` raises unless the network's output count
+            suits the targets; None: it must be ``n_outputs``.
 
         Raises
         ------
         ValueError
             When the network cannot be applied to X, returns other than one output
-            vector per sample, the wrong output count, or outputs for a sample that
-            depend on the other samples of the batch.
+            vector per sample ((n,) or (n, k)), the wrong output count, or outputs
+            for a sample that depend on the other samples of the batch.
         TypeError
             When the network returns other than a tensor.
         """
@@ -370,27 +370,34 @@ class FiniteNTKBase(BaseEstimator):
                 f"{X.shape[1:]}{_input_hint(network.module)}: "
                 f"{type(error).__name__}: {error}"
             ) from error
-        if raw.ndim == 0 or raw.shape[0] != sample.shape[0]:
+        b = sample.shape[0]
+        if raw.ndim not in (1, 2) or raw.shape[0] != b:
+            hint = ""
+            if raw.ndim > 2 and raw.shape[0] == b and len(X.shape) > 2:
+                hint = (
+                    f" Was a network for vectors given X with per-sample shape "
+                    f"{tuple(X.shape[1:])}? Flatten X to 2-D, or start the network "
+                    "with nn.Flatten()."
+                )
             raise ValueError(
-                f"The network's output for a batch of {sample.shape[0]} samples has "
-                f"shape {tuple(raw.shape)}; expected one output vector per sample, "
-                f"({sample.shape[0]},) or ({sample.shape[0]}, k)."
+                f"The network's output for a batch of {b} samples has shape "
+                f"{tuple(raw.shape)}; expected one output vector per sample, ({b},) or "
+                f"({b}, k).{hint}"
             )
-        n_network = raw.reshape(raw.shape[0], -1).shape[1]
+        n_network = raw.reshape(b, -1).shape[1]
         if check_count is None:
-            self._check_output_count(n_network, n_outputs, tuple(raw.shape), X.shape[1:])
+            self._check_output_count(n_network, n_outputs)
         else:
-            check_count(n_network, tuple(raw.shape), X.shape[1:])
+            check_count(n_network)
         _check_batch_independence(network, sample)
         return network
 
-    def _check_output_count(self, n_network, n_expected, raw_shape, input_shape):
+    def _check_output_count(self, n_network, n_expected):
         """Raise ValueError unless the network's output count is the one expected."""
         if n_network != n_expected:
             raise ValueError(
                 f"The network produces {n_network} output(s) per sample, but y has "
                 f"{n_expected} output(s) per sample."
-                + _flattened_hint(raw_shape, input_shape)
             )
 
     def _training_jacobian(self, network, X, cache, row_scale=None):
@@ -518,20 +525,6 @@ class FiniteNTKBase(BaseEstimator):
         return self._network.n_params
 
 
-def _flattened_hint(raw_shape, input_shape):
-    """For an output count mismatch: where the network returned more than one axis
-    per sample, say so (a network for vectors given n-D samples acts on their last
-    axis)."""
-    if len(raw_shape) <= 2:
-        return ""
-    return (
-        f" The network's output for a batch has shape {raw_shape}, flattened per "
-        f"sample: was a network for vectors given X with per-sample shape "
-        f"{tuple(input_shape)}? Flatten X to 2-D, or start the network with "
-        "nn.Flatten()."
-    )
-
-
 def _check_batch_independence(network, sample):
     """Raise ValueError where the network's output for a sample depends on the other
     samples of its batch (in eval mode): the linearization is per sample.
@@ -545,8 +538,12 @@ def _check_batch_independence(network, sample):
         together = network(network.theta, sample)
         apart = torch.cat([network(network.theta, sample[i : i + 1]) for i in range(2)])
     tolerance = torch.finfo(together.dtype).eps ** 0.5
-    scale = max(float(together.abs().max()), 1.0)
-    if not torch.allclose(together, apart, rtol=tolerance, atol=tolerance * scale):
+    finite = together[torch.isfinite(together)]  # NaN and inf: the finite checks' job
+    scale = max(float(finite.abs().max()), 1.0) if finite.numel() else 1.0
+    close = torch.allclose(
+        together, apart, rtol=tolerance, atol=tolerance * scale, equal_nan=True
+    )
+    if not close:
         difference = float((together - apart).abs().max())
         raise ValueError(
             "The network's output for a sample depends on the other samples of its "

@@ -23,7 +23,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import FiniteNTKBase, _flattened_hint, _to_tensor
+from ._base import FiniteNTKBase, _to_tensor
 from ._diagnostics import actions, warn
 from ._inference.laplace import LaplacePosterior, class_logits
 from ._inference.operators import psd_sqrt
@@ -214,8 +214,8 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
                 f"1 class: {classes.tolist()}."
             )
 
-        def check_count(n_network, raw_shape, input_shape):
-            self._check_logit_count(n_network, n_classes, raw_shape, input_shape)
+        def check_count(n_network):
+            self._check_logit_count(n_network, n_classes)
 
         network = self._make_network(X, 1 if n_classes == 2 else n_classes, check_count)
         theta = network.theta
@@ -313,7 +313,7 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
                 ConvergenceWarning,
             )
 
-    def _check_logit_count(self, n_network, n_classes, raw_shape, input_shape):
+    def _check_logit_count(self, n_network, n_classes):
         """k must be C, or 1 for two classes."""
         if n_network == n_classes or (n_classes == 2 and n_network == 1):
             return
@@ -323,7 +323,6 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         raise ValueError(
             f"The network produces {n_network} logit(s) per sample, but y has "
             f"{n_classes} classes; expected {expected}."
-            + _flattened_hint(raw_shape, input_shape)
         )
 
     def _newton_progress(self):

@@ -46,7 +46,7 @@ from .._linalg.cg import CGResult, conjugate_gradient
 from .._linalg.lanczos import quadrature, rademacher, stochastic_log_det
 from .._linalg.memory import check_fits, largest
 from .operators import FunctionOperator, ParameterOperator
-from .system import eigh_parts
+from .system import eigen_parts
 
 __all__ = [
     "SpectralEvidence",
@@ -436,12 +436,10 @@ def spectral_evidence(jacobian, residuals, space, structured=None, lanczos=None)
 
 
 def _check_spectral(operator):
-    """The memory guard of :func:`spectral_evidence` and of the dense solve after it."""
-    w, d, f64 = operator.jacobian.w, operator.size, torch.float64
-    eigen = [("the Gram matrix", (d, d))]
-    if w.dtype != f64:
-        eigen.append(("its float64 copy", (d, d), f64))
-    eigen += eigh_parts(d, f64)
+    """The memory guard of :func:`spectral_evidence` (a float64 eigendecomposition)
+    and of the dense solve after it."""
+    w = operator.jacobian.w
+    eigen = eigen_parts(operator, torch.float64)
     parts = largest([eigen, operator.dense_parts(gram_held=True)], w.dtype)
     what = "The exact evidence (noise or prior 'auto' with the dense solver)"
     advice = "use solver='cg' (a matrix-free evidence), or set noise and prior"

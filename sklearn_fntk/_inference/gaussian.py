@@ -21,13 +21,13 @@ import threading
 from .evidence import stochastic_log_marginal_likelihood
 from .low_rank import low_rank_from_eigenpairs, low_rank_from_sketch
 from .operators import FunctionOperator, ParameterOperator
-from .system import LinearSystem, build_preconditioner, eigh_parts
+from .system import LinearSystem, build_preconditioner, eigen_parts
 
 __all__ = ["GaussianPosterior"]
 
 _ADVICE = {
     "memory": "use solver='cg', or space='auto'",
-    "definite": "increase noise or lower prior",
+    "definite": ("increase noise", "lower prior"),
 }
 _EVIDENCE_ADVICE = "use log_marginal_likelihood(method='stochastic')"
 # The exact evidence after a CG fit assembles a factor once, at the first call,
@@ -144,8 +144,7 @@ class GaussianPosterior:
         if choices.solver == "dense":
             eigen_phase = []
             if exact_eigenpairs:  # the Gram matrix and its eigendecomposition
-                d, dtype = operator.size, self.jacobian.w.dtype
-                eigen_phase = [("the Gram matrix", (d, d)), *eigh_parts(d, dtype)]
+                eigen_phase = eigen_parts(operator, self.jacobian.w.dtype)
             system.check_dense(
                 f"{self.space}-space system",
                 _ADVICE["memory"],

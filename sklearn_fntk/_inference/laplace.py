@@ -51,7 +51,7 @@ _ARMIJO = 1e-4
 _MAX_HALVINGS = 40
 _ADVICE = {
     "memory": "use solver='cg', or space='auto'",
-    "definite": "lower prior",
+    "definite": ("lower prior",),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 from .._linalg.memory import check_fits
 from .._linalg.preconditioners import NystromPreconditioner
 from .operators import ParameterOperator
-from .system import eigh_parts, nystrom_sketch
+from .system import eigen_parts, nystrom_sketch
 
 __all__ = ["LowRankVariance", "low_rank_from_eigenpairs", "low_rank_from_sketch"]
 
@@ -88,8 +88,8 @@ def low_rank_from_eigenpairs(operator, *, prior, noise, rank, gram, policy):
     """
     op = operator
     if gram is None:  # else the caller checked
-        w, d = op.jacobian.w, op.size
-        parts = [("the Gram matrix", (d, d)), *eigh_parts(d, w.dtype)]
+        w = op.jacobian.w
+        parts = eigen_parts(op, w.dtype)
         advice = "use variance='exact'"
         check_fits(parts, w.dtype, w.device, "The exact low-rank variance", advice)
         gram = op.gram_dense()

@@ -59,6 +59,20 @@ class _Operator:
         A.diagonal().add_(self.shift)
         return A
 
+    def cache_parts(self):
+        """The cached linearization of the training data (see JacobianProducts), as
+        parts for :func:`check_fits`: held through the fit."""
+        if not self.jacobian.cached:
+            return []
+        return [("the cached linearization", (self.jacobian.cached_bytes,), torch.uint8)]
+
+    def assembly_parts(self):
+        """The blocks that assembling the Gram matrix holds besides it (and that
+        the allocator was measured to keep a while after): parts."""
+        # the current explicit Jacobian block, the next one and J Λ
+        blocks = (3, self.jacobian.block_samples, self.n_outputs, self.n_params)
+        return [("Jacobian blocks", blocks)]
+
     def dense_parts(self, gram_held):
         """What assembling the dense system and its Cholesky factor holds at its
         peak: (label, shape) pairs for :func:`check_fits`.
@@ -71,7 +85,8 @@ class _Operator:
         d = (self.size, self.size)
         # Parameter space: the Gram matrix becomes the system in place, and while
         # it is assembled it is one matrix and the next block's product.
-        return [("the system", d), ("its Cholesky factor", d)]
+        parts = [("the system", d), ("its Cholesky factor", d)]
+        return parts + self.assembly_parts() + self.cache_parts()
 
     def test_jacobian(self, X):
         """Jacobian rows of test inputs X at θ, shape (m·k, p)."""
@@ -162,6 +177,7 @@ class ParameterOperator(_Operator):
             curved = J if self.curvature is None else self._curved(c, J)
             product = J.flatten(0, 1).T @ curved.flatten(0, 1)
             total = product if total is None else total.add_(product)
+            del product  # not held while the next one is computed
         return total
 
     def _curved(self, rows, J):
@@ -256,17 +272,25 @@ class FunctionOperator(_Operator):
                 G[rows[j], rows[i]] = block.T
         return G
 
+    def assembly_parts(self):
+        """As :meth:`_Operator.assembly_parts`: blocks J_i, J_j of the Gram matrix,
+        or with the layerwise kernel a chunk's rows of it and their pieces."""
+        rows = self.jacobian.block_samples * self.n_outputs
+        if self.structured is None:
+            return [("Jacobian blocks", (2, rows, self.n_params))]
+        return [("kernel row blocks", (2, rows, self.size))]
+
     def dense_parts(self, gram_held):
         """As :meth:`_Operator.dense_parts`. Function space assembles s·G (a copy of
         G), then with a curvature Λ^½ (s·G) Λ^½ (an intermediate and the result), and
         factors it; the Gram matrix G is freed meanwhile unless the caller holds it."""
         d = (self.size, self.size)
         parts = [("the system", d), ("its Cholesky factor", d)]
+        if self.root is not None:  # s·G, then Λ^½ (s·G) and the system
+            parts = [("s·J Jᵀ", d), ("the curvature products", (2, *d))]
         if gram_held:
             parts.insert(0, ("the Gram matrix J Jᵀ", d))
-        if self.root is not None:  # s·G, then Λ^½ (s·G) and the system
-            parts[-2:] = [("s·J Jᵀ", d), ("the curvature products", (2, *d))]
-        return parts
+        return parts + self.assembly_parts() + self.cache_parts()
 
     def psd_dense(self, gram=None):
         """P = s·Λ^½ G Λ^½ assembled, shape (n·k, n·k), from ``gram`` = G if given:

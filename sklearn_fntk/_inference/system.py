@@ -21,7 +21,13 @@ from .._linalg.preconditioners import (
 )
 from .operators import ParameterOperator
 
-__all__ = ["LinearSystem", "build_preconditioner", "eigh_parts", "nystrom_sketch"]
+__all__ = [
+    "LinearSystem",
+    "build_preconditioner",
+    "eigen_parts",
+    "eigh_parts",
+    "nystrom_sketch",
+]
 
 # Vectors of shape (d, m) that a block CG solve holds at once: X, R, Z and P, and
 # per iteration the active columns' P, R, A P, their updates and M R; the true
@@ -35,11 +41,27 @@ def eigh_parts(size, dtype):
     return [("its eigendecomposition and workspace", (3, size, size), dtype)]
 
 
-def definite_advice(advice, dtype):
-    """``advice``, plus float64 where the system is in another dtype."""
-    if dtype == torch.float64:
-        return advice
-    return f"{advice}, or use dtype='float64'"
+def eigen_parts(operator, dtype):
+    """What the eigendecomposition of ``operator``'s Gram matrix (J Jᵀ or JᵀJ) in
+    ``dtype`` holds at its peak: the Gram matrix, its copy in ``dtype`` where that
+    differs, the eigendecomposition, what assembling it left (blocks) and the
+    cached linearization; parts for :func:`check_fits`."""
+    d, w = operator.size, operator.jacobian.w
+    parts = [("the Gram matrix", (d, d))]
+    if dtype != w.dtype:
+        parts.append(("its copy", (d, d), dtype))
+    parts += eigh_parts(d, dtype)
+    return parts + operator.assembly_parts() + operator.cache_parts()
+
+
+def definite_advice(choices, dtype):
+    """What to change when a dense system is not numerically positive definite:
+    ``choices`` (strings), and float64 where the system is in another dtype, as
+    "a, b, or c"."""
+    choices = list(choices) + ([] if dtype == torch.float64 else ["use dtype='float64'"])
+    if len(choices) == 1:
+        return choices[0]
+    return ", ".join(choices[:-1]) + f", or {choices[-1]}"
 
 
 def nystrom_sketch(operator, *, ratio, rank, max_rank, generator, policy):

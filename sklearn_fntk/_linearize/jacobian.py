@@ -148,6 +148,8 @@ class JacobianProducts:
     forward_mode : bool
         False when J V falls back to the double VJP.
     cached : bool
+    cached_bytes : int
+        The estimated memory of the cached linearization (0 when not cached).
     """
 
     def __init__(self, network, w, X, *, batch_size, cache_bytes=0, row_scale=None):
@@ -164,6 +166,7 @@ class JacobianProducts:
         estimate = _activation_bytes(network.module, lambda: network(w, first))
         estimate *= _GRAPH_BYTES_PER_ACTIVATION_BYTE * self.n_samples / first.shape[0]
         self.cached = 0 < estimate <= cache_bytes
+        self.cached_bytes = int(estimate) if self.cached else 0
         self._linearized = None
         self._linearize()
         self.n_outputs = self._outputs.shape[1]
@@ -208,6 +211,13 @@ class JacobianProducts:
 
     def _block_rows(self):
         return block_rows(self.n_outputs, self.w)
+
+    @property
+    def block_samples(self):
+        """Samples in the largest chunk or explicit Jacobian block (for memory
+        estimates): a block is (block_samples, k, p), a chunk's kernel rows
+        (block_samples·k, n·k)."""
+        return min(self.batch_size, self.n_samples, self._block_rows())
 
     def jvp(self, V):
         """J V for V of shape (p,) or (p, m); returns (n, k) or (n, k, m)."""
