@@ -12,6 +12,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
 from sklearn_fntk import FiniteNTKClassifier, FiniteNTKRegressor
+from sklearn_fntk._inference.policy import Policy
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,9 @@ def test_float64_advice_only_outside_float64(data):
     for dtype, noise in [("float64", 1e-300), ("float32", 1e-30)]:
         with pytest.raises(ValueError) as info:
             FiniteNTKRegressor(
-                mlp(), noise=noise, solver="dense", space="function", dtype=dtype
-            ).fit(X, y)
+                mlp(), noise=noise, prior=1.0, solver="dense", space="function",
+                dtype=dtype,
+            ).fit(X, y)  # fmt: skip
         message[dtype] = str(info.value)
     assert message["float64"].endswith("; increase noise, or lower prior.")
     assert message["float32"].endswith(
@@ -154,11 +156,14 @@ def test_warnings_point_at_the_callers_line(data):
         reg = FiniteNTKRegressor(
             mlp(),
             noise=1e-3,
+            prior=1.0,
             solver="cg",
             variance="exact",
             preconditioner=None,
             max_iter=1,
-        ).fit(X, y)  # the fit's CG warns
+        )
+        reg._policy = Policy(variance_factor_max_size=0)  # variances by CG too
+        reg.fit(X, y)  # the fit's CG warns
         reg.predict(X_test, return_std=True)  # and the variances' CG
         FiniteNTKClassifier(mlp(), solver="cg", preconditioner=None, max_iter=1).fit(
             X, y > 0
@@ -173,9 +178,9 @@ def test_evidence_and_sampling_arguments(data):
     reg = FiniteNTKRegressor(mlp(), noise=0.1).fit(X, y)
     pattern = "The 'lanczos_steps' parameter of log_marginal_likelihood must be an int"
     with pytest.raises(ValueError, match=re.escape(pattern)):
-        reg.log_marginal_likelihood("stochastic", lanczos_steps=0)
+        reg.log_marginal_likelihood(method="stochastic", lanczos_steps=0)
     with pytest.raises(ValueError, match="'n_probes' parameter .* range \\[2, inf\\)"):
-        reg.log_marginal_likelihood("stochastic", n_probes=1)
+        reg.log_marginal_likelihood(method="stochastic", n_probes=1)
     for n_samples in (2.5, 0, "3"):
         with pytest.raises(ValueError, match="The 'n_samples' parameter of sample_y"):
             reg.sample_y(X_test, n_samples=n_samples)

@@ -199,10 +199,11 @@ class GaussianPosterior:
             what = f"{self.space}-space system"
             try:
                 dense.check_dense(what, _ADVICE["memory"], gram_held=gram is not None)
-            except MemoryError:  # too large for memory now: CG solves per batch
-                dense = system
-            else:
                 dense.build(gram=gram, what=what, advice=_ADVICE)
+            except (MemoryError, ValueError):
+                # too large for memory now, or not positive definite in this dtype
+                # (float32 at a tiny noise): CG solves per test batch instead
+                dense = system
             variance_system = dense
         ranks = [0 if low_rank is None else low_rank.rank]
         ranks.append(getattr(preconditioner, "rank", 0))

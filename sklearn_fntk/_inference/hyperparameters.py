@@ -230,6 +230,12 @@ def fit_hyperparameters(evidence, *, noise, prior, mean_squared_residual, hyperp
     EvidenceOptimum
     """
     tiny = np.finfo(np.float64).tiny
+    if not math.isfinite(mean_squared_residual):
+        raise FloatingPointError(
+            "The mean squared residual y - m(X) overflows float64, so the evidence "
+            "cannot be searched for noise and prior: rescale y (for example with "
+            "TransformedTargetRegressor), or set noise and prior to numbers."
+        )
     v = max(mean_squared_residual, tiny)
     kappa = max(evidence.mean_kernel_diagonal(), tiny)
     fit = (isinstance(noise, str), isinstance(prior, str))
