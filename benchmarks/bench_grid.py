@@ -44,11 +44,9 @@ from threadpoolctl import threadpool_limits
 from torch.func import functional_call, jacrev, vmap
 
 from sklearn_fntk import FiniteNTKRegressor
-from sklearn_fntk._inference.evidence import (
-    SpectralEvidence,
-    stochastic_log_marginal_likelihood,
-)
+from sklearn_fntk._inference.evidence import SpectralEvidence
 from sklearn_fntk._inference.hyperparameters import maximize_evidence
+from sklearn_fntk._inference.stochastic_evidence import stochastic_log_marginal_likelihood
 from sklearn_fntk._linearize.layerwise import LayerwiseKernel
 from sklearn_fntk._linearize.network import FunctionalNetwork
 

@@ -12,11 +12,9 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev, vmap
 
-from sklearn_fntk._inference.evidence import (
-    SpectralEvidence,
-    stochastic_log_marginal_likelihood,
-)
+from sklearn_fntk._inference.evidence import SpectralEvidence
 from sklearn_fntk._inference.hyperparameters import maximize_evidence
+from sklearn_fntk._inference.stochastic_evidence import stochastic_log_marginal_likelihood
 
 NOISES = np.array([1e-2, 1e-1, 1.0, 10.0])
 PRIORS = np.array([0.1, 1.0, 10.0])
