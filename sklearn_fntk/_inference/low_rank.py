@@ -131,14 +131,12 @@ def low_rank_from_sketch(operator, *, prior, noise, rank, generator, policy):
 
     Parameters
     ----------
-    operator : ParameterOperator or FunctionOperator
-        Of regression (Λ = I).
-    prior, noise : float
+    operator, prior, noise, policy
+        As for :func:`low_rank_from_eigenpairs`.
     rank : int or None
         A fixed sketch rank, or None to grow it until the last weight is at most
         ``policy.low_rank_weight`` (or to ``policy.max_rank``).
     generator : torch.Generator or None
-    policy : Policy
 
     Returns
     -------
