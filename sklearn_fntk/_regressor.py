@@ -1,41 +1,34 @@
 """FiniteNTKRegressor: exact GP regression with the finite NTK of a trained network."""
 
-import math
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import RegressorMixin, _fit_context
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import (
     Interval,
     StrOptions,
-    validate_parameter_constraints,
 )
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import FiniteNTKBase, _to_tensor
-from ._diagnostics import actions, check_finite, warn
-from ._inference.evidence import spectral_evidence
+from ._diagnostics import (
+    check_finite,
+    check_low_rank_variance,
+    check_regression_solve,
+    warn,
+)
 from ._inference.gaussian import GaussianPosterior
-from ._inference.system import eigh_parts
+from ._joint_predictive import JointPredictiveMixin
 from ._linearize.jacobian import scale_rows
+from ._marginal_likelihood import MarginalLikelihoodMixin
 
 __all__ = ["FiniteNTKRegressor"]
 
-# optimize=True searches noise and prior in [1e-8, 1e5], and warns when the noise
-# collapses below this fraction of the residual variance.
-NOISE_LOWER_BOUND = 1e-8
-COLLAPSED_NOISE = 1e-6
-# variance="low_rank" warns above this tail weight.
-LOW_RANK_MAX_TAIL_WEIGHT = 0.1
-# A CG fit warns where rounding alone may move the mean by more than this times tol
-# (see FiniteNTKRegressor._check_solution).
-MEAN_ACCURACY_FACTOR = 10.0
 
-
-class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
+class FiniteNTKRegressor(
+    RegressorMixin, JointPredictiveMixin, MarginalLikelihoodMixin, FiniteNTKBase
+):
     """Gaussian-process regression with the finite-width NTK of a trained network.
 
     The network f_θ is linearized around its trained weights θ,
@@ -349,8 +342,9 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         finally:
             if progress is not None:
                 progress.close()
-        self._check_solution(posterior, float(torch.linalg.vector_norm(scaled_targets)))
-        self._check_low_rank_variance(choices.variance, posterior)
+        scale = float(torch.linalg.vector_norm(scaled_targets))
+        check_regression_solve(self, posterior, scale)
+        check_low_rank_variance(choices.variance, posterior)
         self._commit(
             {
                 **state,
@@ -375,116 +369,6 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         )
         return self
 
-    def _targets(self, Y, theta):
-        """Y as a tensor like θ, checked to fit its dtype's range."""
-        targets = _to_tensor(Y, theta)
-        if not bool(torch.isfinite(targets).all()):
-            raise ValueError(
-                f"y has values up to {float(np.abs(Y).max()):.3g}, beyond the range "
-                f"of {self.dtype} (largest {torch.finfo(theta.dtype).max:.3g}). "
-                "Rescale y (for example with TransformedTargetRegressor), or use "
-                "dtype='float64'."
-            )
-        return targets
-
-    def _check_solution(self, posterior, scale):
-        """Errors and warnings on the fit's solve: not finite, short of its stopping
-        rule, or finer than its dtype resolves.
-
-        The last: with c = noise/prior, λ the largest eigenvalue of JᵀJ and u the
-        unit roundoff, products rounded to u·λ·‖δ‖ move δ by A⁻¹ of that, and the
-        mean at the training inputs by at most u·λ·‖δ‖ / (2√c), since
-        ‖J A⁻¹‖ ≤ 1/(2√c); relative to ``scale`` (‖y‖, the mean's size), a
-        first-order bound that was 1.5-15 times the float32 errors measured
-        against float64 (noise 1e-8 to 1e-1, 600 samples, p = 745).
-        """
-        solve = f"the fit's {posterior.space}-space {posterior.choices.solver} solve"
-        float64 = "use dtype='float64'" if self.dtype != "float64" else ""
-        delta = posterior.delta
-        if not bool(torch.isfinite(delta).all()):
-            raise FloatingPointError(
-                f"{type(self).__name__}: {solve} returned NaN or infinite values, "
-                "although the network's outputs and Jacobian on X are finite: the "
-                f"system is too ill-conditioned (noise={posterior.noise:g}, "
-                f"prior={posterior.prior:g}) or y too large for {self.dtype}. "
-                + actions(float64, "increase noise", "lower prior", "rescale y")
-            )
-        self._warn_unconverged(posterior.report, "the fit's solve", self.tol, self.dtype)
-        kappa = posterior.condition_number
-        if kappa is None:
-            return
-        c = posterior.noise / posterior.prior
-        unit = torch.finfo(delta.dtype).eps / 2
-        norm = float(torch.linalg.vector_norm(delta.double()))
-        bound = unit * (kappa - 1.0) * c**0.5 * norm / (2.0 * max(scale, 1e-300))
-        if bound > MEAN_ACCURACY_FACTOR * self.tol:
-            warn(
-                f"{type(self).__name__}: {solve} is too ill-conditioned for "
-                f"{self.dtype}: with noise/prior = {c:.3g} its condition number is "
-                f"about {kappa:.2g}, and rounding alone may move the predictive mean "
-                f"by up to {min(bound, 1.0):.2g} (relative; a first-order bound at the "
-                f"training inputs), more than {MEAN_ACCURACY_FACTOR:g}·tol = "
-                f"{MEAN_ACCURACY_FACTOR * self.tol:g}. "
-                + actions(float64, "increase noise", "lower prior"),
-                ConvergenceWarning,
-            )
-
-    def _check_low_rank_variance(self, variance, posterior):
-        """Warn where the low-rank variance stopped short of the noise level.
-
-        A direction left out weighing more than ``LOW_RANK_MAX_TAIL_WEIGHT`` means a
-        rank cap was hit well before the noise level: the variances may be
-        overestimated by up to that fraction of the prior variance.
-        """
-        weight = posterior.variance_tail_weight
-        if variance != "low_rank" or weight <= LOW_RANK_MAX_TAIL_WEIGHT:
-            return
-        warn(
-            f"The low-rank variance stopped at rank {posterior.rank} with directions "
-            f"left out weighing up to {weight:.2f} (above {LOW_RANK_MAX_TAIL_WEIGHT}): "
-            "predictive variances may be overestimated by up to that fraction of the "
-            "prior variance. Increase rank, or use variance='exact'."
-        )
-
-    def _maximize_evidence(self, jacobian, residuals, structured, choices):
-        """(noise, prior) maximising log p(y), from one eigendecomposition.
-
-        The kernel J Jᵀ (or the Fisher JᵀJ) does not depend on noise and prior, so
-        one symmetric eigendecomposition gives the evidence and its gradient for
-        every pair (see ``SpectralEvidence``). Returns the assembled matrix too, for
-        the dense solve at the optimum.
-        """
-        if choices.solver != "dense":
-            raise ValueError(
-                "optimize=True maximises the exact evidence from a dense "
-                f"eigendecomposition, but this fit uses solver={choices.solver!r} (a "
-                f"{choices.space}-space system too large for the dense solver). Use "
-                "solver='dense' if it fits in memory, or choose noise and prior by "
-                "GridSearchCV."
-            )
-        gram, evidence = spectral_evidence(jacobian, residuals, choices.space, structured)
-        best = evidence.maximize(
-            self.noise,
-            self.prior,
-            bounds=((NOISE_LOWER_BOUND, 1e5), (1e-8, 1e5)),
-            random_state=self._seed(),
-        )
-        r = residuals.reshape(-1)
-        if best.noise <= COLLAPSED_NOISE * float(r @ r) / r.numel():
-            warn(
-                f"The evidence is maximal at noise={best.noise:.3g}, below "
-                f"{COLLAPSED_NOISE:g} of the residual variance: the GP interpolates the "
-                "training targets and its intervals will be overconfident. Seen with "
-                "very few points; fix noise instead (optimize=False) or add data."
-            )
-        if not best.converged:
-            warn(
-                "Maximising the log marginal likelihood over noise and prior did not "
-                f"converge; using noise={best.noise:.3g}, prior={best.prior:.3g}.",
-                ConvergenceWarning,
-            )
-        return gram, best
-
     def _shape_outputs(self, array):
         """(m, k) -> (m,) when fitted on a 1-D y."""
         return array[:, 0] if self._y_ndim == 1 else array
@@ -504,16 +388,6 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
             )
             parts.append(variance.reshape(-1, self.n_outputs_))
         return torch.cat(parts).clamp_min(0.0)
-
-    def _latent_covariance(self, X, what, after=()):
-        """Joint predictive covariance over all test points and outputs, (m·k, m·k),
-        after checking that it fits with what the caller then holds (``after``)."""
-        rows = X.shape[0] * self.n_outputs_
-        advice = "pass fewer test points at a time"
-        self._posterior.check_covariance(rows, what, advice, after)
-        covariance, report = self._posterior.covariance(X, diagonal=False)
-        self._warn_unconverged(report, "predictive covariance")
-        return covariance
 
     def predict(self, X, return_std=False, return_cov=False):
         """Predictive mean, and optionally std or covariance, of the latent function.
@@ -575,105 +449,3 @@ class FiniteNTKRegressor(RegressorMixin, FiniteNTKBase):
         if include_noise:
             variance = variance + self.noise_
         return self._shape_outputs(self._numpy(torch.sqrt(variance)))
-
-    def sample_y(self, X, n_samples=1, random_state=0):
-        """Draw latent functions from the posterior at X (joint over points and outputs).
-
-        The draws are mean + U·diag(√λ)·z, with U diag(λ) Uᵀ the eigendecomposition
-        of the joint covariance (in float64; negative rounding eigenvalues count as
-        0) and z standard normal. Raises MemoryError, before allocating, when the
-        covariance and its eigendecomposition do not fit.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples_X, ...)
-        n_samples : int, default=1
-        random_state : int, RandomState instance or None, default=0
-
-        Returns
-        -------
-        y_samples : ndarray
-            Shape (n_samples_X, n_samples), or (n_samples_X, n_outputs, n_samples)
-            for a multi-output fit.
-        """
-        validate_parameter_constraints(
-            {"n_samples": [Interval(Integral, 1, None, closed="left")]},
-            {"n_samples": n_samples},
-            caller_name="sample_y",
-        )
-        check_is_fitted(self)
-        X = self._validate_predict_X(X)
-        rng = check_random_state(random_state)
-        mean = self._numpy(self._latent_mean(X)).reshape(-1)
-        rows = X.shape[0] * self.n_outputs_
-        after = [("the float64 copy", (rows, rows), torch.float64)]
-        after += eigh_parts(rows, torch.float64)
-        covariance = self._latent_covariance(X, "sample_y", after).to(torch.float64)
-        eigenvalues, factor = torch.linalg.eigh(covariance)
-        del covariance
-        factor.mul_(eigenvalues.clamp_min(0.0).sqrt())  # U diag(√λ), in place
-        normal = torch.from_numpy(rng.standard_normal((rows, n_samples)))
-        draws = mean[:, None] + (factor @ normal.to(factor.device)).cpu().numpy()
-        draws = draws.reshape(X.shape[0], self.n_outputs_, n_samples)
-        return draws[:, 0, :] if self._y_ndim == 1 else draws
-
-    def log_marginal_likelihood(
-        self, method="exact", *, n_probes=32, lanczos_steps=50, return_std_error=False
-    ):
-        """Log evidence log p(y | X, ``noise_``, ``prior_``) of the fitted model.
-
-        With ``sample_weight`` in fit, the noise covariance is ``noise_`` · diag(1/w).
-
-        Parameters
-        ----------
-        method : {"exact", "stochastic"}, default="exact"
-            "exact" uses a Cholesky factor (assembled here, once, after a CG fit;
-            MemoryError, before allocating, when it does not fit). "stochastic" is
-            matrix-free, for problems too large for that: log|K| by stochastic
-            Lanczos quadrature over Rademacher probes, rᵀK⁻¹r by CG.
-        n_probes, lanczos_steps : int, default=32, 50
-            Probes (at least 2) and Lanczos steps (at least 1) of the stochastic
-            estimate. Small noise needs more steps (measured: 30 steps biased by 15
-            nats at noise 0.01, n=2000).
-        return_std_error : bool, default=False
-            Also return the standard error of the estimate over probes (0 for
-            "exact").
-
-        Returns
-        -------
-        log_likelihood : float
-        std_error : float, optional
-        """
-        check_is_fitted(self)
-        if method not in ("exact", "stochastic"):
-            raise ValueError(f"method must be 'exact' or 'stochastic', got {method!r}.")
-        validate_parameter_constraints(
-            {
-                "n_probes": [Interval(Integral, 2, None, closed="left")],
-                "lanczos_steps": [Interval(Integral, 1, None, closed="left")],
-            },
-            {"n_probes": n_probes, "lanczos_steps": lanczos_steps},
-            caller_name="log_marginal_likelihood",
-        )
-        if method == "exact":
-            value, std_error = self._posterior.log_marginal_likelihood(), 0.0
-        else:
-            generator = self._generator(self._network.theta.device)
-            estimate = self._posterior.stochastic_log_marginal_likelihood(
-                n_probes, lanczos_steps, generator
-            )
-            self._warn_unconverged(estimate.solve, "the evidence's quadratic term")
-            # log p = -½ log|K| + ...: half the log-determinant's standard error
-            value, std_error = (
-                estimate.log_marginal_likelihood,
-                estimate.log_det_std_error / 2,
-            )
-        value += self._log_weight  # the scaled system's evidence -> the weighted model's
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"The log marginal likelihood ({method}) is {value}: its terms "
-                f"overflow in {self._fitted('dtype')} for targets this large "
-                "(rᵀK⁻¹r with r = y - m(X)) or this ill-conditioned a system. Rescale "
-                "y (for example with TransformedTargetRegressor), or increase noise."
-            )
-        return (value, std_error) if return_std_error else value

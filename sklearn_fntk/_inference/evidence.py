@@ -31,9 +31,10 @@ h = Σ_i z_i² s·λ_i / D_i² (λ the kept eigenvalues, m of them):
     ∂q/∂a = -q + h,   ∂q/∂b = -h,
     ∂log|K|/∂a = Σ_i σ²/D_i + (d - m),   ∂log|K|/∂b = Σ_i s·λ_i / D_i.               (4)
 
-**Large problems**: :func:`stochastic_log_marginal_likelihood` estimates log|K| by
-stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017; Gardner et al. 2018) and rᵀK⁻¹r
-by conjugate gradient, with products by K only.
+**Large problems**: :func:`stochastic_log_marginal_likelihood` (in
+:mod:`.stochastic_evidence`, and importable from here) estimates log|K| by stochastic
+Lanczos quadrature (Ubaru, Chen, Saad 2017; Gardner et al. 2018) and rᵀK⁻¹r by
+conjugate gradient, with products by K only.
 """
 
 import math
@@ -43,10 +44,9 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from .._linalg.cg import CGResult, conjugate_gradient
-from .._linalg.lanczos import stochastic_log_det
 from .._linalg.memory import check_fits, largest
 from .operators import FunctionOperator, ParameterOperator
+from .stochastic_evidence import StochasticEvidence, stochastic_log_marginal_likelihood
 from .system import eigen_parts
 
 __all__ = [
@@ -415,92 +415,3 @@ def _check_spectral(operator):
     what = "Maximising the evidence (optimize=True) by one eigendecomposition"
     advice = "choose noise and prior by GridSearchCV with optimize=False instead"
     check_fits(parts, w.dtype, w.device, what, advice)
-
-
-class StochasticEvidence(NamedTuple):
-    """Result of :func:`stochastic_log_marginal_likelihood`.
-
-    Attributes
-    ----------
-    log_marginal_likelihood : float
-        The estimate of log p(y).
-    log_det_std_error : float
-        Standard error of the log|K| estimate over the probes (that of the log
-        evidence is half of it).
-    log_det : float
-        The stochastic Lanczos quadrature estimate of log|K|.
-    quadratic : float
-        rᵀK⁻¹r by conjugate gradient.
-    solve : CGResult
-        That solve's report.
-    """
-
-    log_marginal_likelihood: float
-    log_det_std_error: float
-    log_det: float
-    quadratic: float
-    solve: CGResult
-
-
-def stochastic_log_marginal_likelihood(
-    matmat,
-    residuals,
-    size,
-    noise,
-    *,
-    n_probes=32,
-    lanczos_steps=50,
-    tol=1e-6,
-    generator=None,
-):
-    """Matrix-free estimate of log p(y) = -½ rᵀK⁻¹r - ½ log|K| - (d/2) log 2π.
-
-    log|K| by stochastic Lanczos quadrature (:func:`stochastic_log_det`), rᵀK⁻¹r by
-    conjugate gradient.
-
-    Parameters
-    ----------
-    matmat : callable
-        ``matmat(V) -> K V`` for V of shape (d, m), K = s·J Jᵀ + σ² I.
-    residuals : torch.Tensor of shape (d,) or (n, k)
-        r, flattened row-major to d.
-    size : int
-        d = n·k.
-    noise : float
-        σ², the smallest eigenvalue K can have: Ritz values are clamped to it.
-    n_probes : int, default=32
-        Rademacher probes (at least 2, for the standard error).
-    lanczos_steps : int, default=50
-        Lanczos steps per probe (quadrature nodes), at least 1.
-    tol : float, default=1e-6
-        Relative residual at which CG stops. The CG value of rᵀK⁻¹r converges
-        faster than the residual: its relative error is at most about tol²·cond(K).
-    generator : torch.Generator or None, default=None
-        Draws the probes.
-
-    Returns
-    -------
-    StochasticEvidence
-
-    Notes
-    -----
-    Memory is O(d · lanczos_steps · n_probes) for the Lanczos bases; cost is
-    lanczos_steps products with n_probes columns plus the CG iterations.
-    """
-    r = residuals.reshape(-1)
-    if r.numel() != size:
-        raise ValueError(f"residuals have {r.numel()} entries, expected size={size}.")
-    log_det, std_error = stochastic_log_det(
-        matmat,
-        size,
-        noise,
-        dtype=r.dtype,
-        device=r.device,
-        n_probes=n_probes,
-        steps=lanczos_steps,
-        generator=generator,
-    )
-    solve = conjugate_gradient(matmat, r, tol=tol, verify=True)
-    quadratic = float(r @ solve.solution)
-    value = -0.5 * quadratic - 0.5 * log_det - 0.5 * size * math.log(2 * math.pi)
-    return StochasticEvidence(value, std_error, log_det, quadratic, solve)

@@ -18,9 +18,9 @@ Predictive variances are exact (a solve per test batch) or low-rank
 import math
 import threading
 
-from .evidence import stochastic_log_marginal_likelihood
 from .low_rank import low_rank_from_eigenpairs, low_rank_from_sketch
 from .operators import FunctionOperator, ParameterOperator
+from .stochastic_evidence import stochastic_log_marginal_likelihood
 from .system import LinearSystem, build_preconditioner, eigen_parts
 
 __all__ = ["GaussianPosterior"]
