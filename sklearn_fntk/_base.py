@@ -115,7 +115,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
         or the new state, never a mix. ``feature_names_in_`` goes when the new fit
         had no feature names.
         """
-        stale = {"feature_names_in_", "_device_override"} - set(state)
+        stale = {"feature_names_in_"} - set(state)
         new = {key: value for key, value in self.__dict__.items() if key not in stale}
         new.update(state)
         new["_fitted_parameters"] = {
