@@ -30,15 +30,15 @@ import time
 
 import numpy as np
 
-# (case, size that fits, size that does not) under 8 GB of address space
+# case: sizes that fit, then one that does not, under 8 GB of address space
 CASES = {
-    "regressor dense, function space": (6000, 40000),
+    "regressor dense, function space": (6000, 12000, 40000),
     "regressor dense, parameter space": (4000, 24000),
     "classifier dense, function space": (3000, 30000),
     "classifier dense, parameter space": (3000, 24000),
     "evidence, optimize=True": (3000, 20000),
     "evidence after a CG fit": (6000, 40000),
-    "predict(return_cov=True)": (6000, 40000),
+    "predict(return_cov=True)": (6000, 12000, 40000),
     "sample_y": (3000, 30000),
 }
 

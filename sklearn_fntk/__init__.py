@@ -1,7 +1,7 @@
 """Fast adaptation of trained PyTorch networks with finite neural tangent kernels."""
 
-from ._base import DeviceFallbackWarning
 from ._classifier import FiniteNTKClassifier
+from ._persistence import DeviceFallbackWarning
 from ._regressor import FiniteNTKRegressor
 
 __version__ = "0.1.0"

@@ -1,14 +1,13 @@
 """Estimator machinery shared by the regressor and the classifier.
 
 Everything that touches scikit-learn conventions lives in the estimator layer (this
-module, ``_regressor``, ``_classifier``, ``_progress``): parameter constraints, input
-validation, the private network copy, the numpy <-> torch boundary, warnings. The
+module, ``_regressor``, ``_classifier`` and the modules beside them): parameter
+constraints, input validation, the private network copy, the numpy <-> torch
+boundary, the fitted state, warnings. The
 layers below (``_inference``, ``_linearize``, ``_linalg``) see torch tensors only and
 report what happened instead of warning.
 """
 
-import io
-from itertools import chain
 from numbers import Integral, Real
 
 import numpy as np
@@ -18,64 +17,18 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, validate_data
 
-from ._diagnostics import check_finite, nonfinite_error, nonfinite_rows, warn, warn_solve
+from ._diagnostics import check_finite, nonfinite_error, nonfinite_rows, warn_solve
 from ._inference.policy import Policy, resolve_choices
 from ._linearize.jacobian import JacobianProducts, outputs_and_jvp
 from ._linearize.layerwise import LayerwiseKernel, supports_structured
 from ._linearize.network import FunctionalNetwork, NetworkOutputError, default_mlp
+from ._persistence import DevicePersistence, unavailable_device
 from ._progress import CGProgress
 
 # Memory allowed for cached per-chunk linearizations of the training data.
 LINEARIZATION_CACHE_BYTES = 1 << 30
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class DeviceFallbackWarning(UserWarning):
-    """An estimator was unpickled on a machine without the device it was fitted on.
-
-    Its fitted state (or its ``network``) was loaded on the CPU instead, where it
-    predicts; see the user guide, "Saving and loading".
-    """
-
-
-def _moved(objects, device):
-    """A copy of ``objects`` with every tensor (module parameters included) on device.
-
-    Through torch's own serialisation, which copies values bit for bit and keeps
-    shared storage and shared objects shared.
-    """
-    buffer = io.BytesIO()
-    torch.save(objects, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, map_location=device, weights_only=False)
-
-
-def _device_available(device):
-    """Whether tensors can be put on ``device`` on this machine."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda":
-        index = 0 if device.index is None else device.index
-        return torch.cuda.is_available() and index < torch.cuda.device_count()
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError):  # not compiled in, or no such device
-        return False
-    return True
-
-
-def _unavailable_device(device):
-    """Why tensors cannot be put on ``device`` here, or None if they can."""
-    if _device_available(device):
-        return None
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
-    if device.type == "cuda":
-        return "torch.cuda.is_available() is False"
-    return f"torch cannot allocate on {device.type} here"
 
 
 def _as_array(values):
@@ -108,7 +61,7 @@ def _input_hint(module):
     return ""
 
 
-class FiniteNTKBase(BaseEstimator):
+class FiniteNTKBase(DevicePersistence, BaseEstimator):
     """Parameters, validation and Jacobian plumbing common to both estimators.
 
     Each estimator declares its own ``_parameter_constraints``, from
@@ -162,7 +115,7 @@ class FiniteNTKBase(BaseEstimator):
         or the new state, never a mix. ``feature_names_in_`` goes when the new fit
         had no feature names.
         """
-        stale = {"feature_names_in_", "_device_override"} - set(state)
+        stale = {"feature_names_in_"} - set(state)
         new = {key: value for key, value in self.__dict__.items() if key not in stale}
         new.update(state)
         new["_fitted_parameters"] = {
@@ -187,83 +140,6 @@ class FiniteNTKBase(BaseEstimator):
     @staticmethod
     def _numpy(tensor):
         return np.asarray(tensor.detach().cpu().numpy(), dtype=np.float64)
-
-    # -- persistence ------------------------------------------------------------------
-
-    def _devices(self):
-        """Devices of what a pickle carries, None where there is no tensor.
-
-        ``"fitted"``: the fitted state's (all on one device, the private network's);
-        ``"network"``: the ``network`` parameter's (its first parameter or buffer).
-        """
-        fitted = self.__dict__.get("_network")
-        network = self.__dict__.get("network")
-        tensors = (
-            chain(network.parameters(), network.buffers())
-            if isinstance(network, torch.nn.Module)
-            else ()
-        )
-        return {
-            "fitted": None if fitted is None else fitted.theta.device,
-            "network": next((tensor.device for tensor in tensors), None),
-        }
-
-    def _device_group(self, group, state):
-        """Keys of ``state`` that ``group`` (a key of ``_devices``) covers."""
-        if group == "network":
-            return ["network"]
-        parameters = set(self._get_param_names())
-        return [key for key in state if key not in parameters]
-
-    def __getstate__(self):
-        """The state to pickle, every tensor in it on the CPU.
-
-        What lives elsewhere (a fitted state on ``device="cuda"``, a ``network``
-        passed on a GPU) is copied to the CPU and its device recorded, so that the
-        pickle loads on any machine; see ``__setstate__``.
-        """
-        state = dict(super().__getstate__())  # object's is self.__dict__ itself
-        moved = {}
-        for group, device in self._devices().items():
-            if device is None or device.type == "cpu":
-                continue
-            keys = self._device_group(group, state)
-            state.update(_moved({key: state[key] for key in keys}, "cpu"))
-            moved[group] = str(device)
-        if moved:
-            state["_pickled_devices"] = moved
-        return state
-
-    def __setstate__(self, state):
-        """Restore a pickled estimator, its tensors back on their devices.
-
-        A device this machine lacks is replaced by the CPU, with a
-        DeviceFallbackWarning: the fitted state stays there and predicts there (it
-        predicts wherever its network is) until the next fit, which uses
-        ``device`` again (left as it was, for ``get_params``).
-        """
-        state = dict(state)
-        moved = state.pop("_pickled_devices", {})
-        super().__setstate__(state)
-        missing = {}
-        for group, device in moved.items():
-            if not _device_available(device):
-                missing[group] = device
-                continue
-            keys = self._device_group(group, state)
-            self.__dict__.update(_moved({key: state[key] for key in keys}, device))
-        if missing:
-            what = " and ".join(
-                f"{'given a network' if group == 'network' else 'fitted'} on {device}"
-                for group, device in missing.items()
-            )
-            warn(
-                f"This {type(self).__name__} was {what}, which this machine does not "
-                "have: it was loaded on the CPU and predicts there. Its device "
-                f"parameter is still {self.device!r}; set_params(device='cpu') to fit "
-                "it again here.",
-                DeviceFallbackWarning,
-            )
 
     # -- validation -------------------------------------------------------------------
 
@@ -302,6 +178,18 @@ class FiniteNTKBase(BaseEstimator):
         keep = sample_weight > 0
         return X[keep], y[keep], sample_weight[keep], seen
 
+    def _targets(self, Y, theta):
+        """Y as a tensor like θ, checked to fit its dtype's range."""
+        targets = _to_tensor(Y, theta)
+        if not bool(torch.isfinite(targets).all()):
+            raise ValueError(
+                f"y has values up to {float(np.abs(Y).max()):.3g}, beyond the range "
+                f"of {self.dtype} (largest {torch.finfo(theta.dtype).max:.3g}). "
+                "Rescale y (for example with TransformedTargetRegressor), or use "
+                "dtype='float64'."
+            )
+        return targets
+
     def _validate_predict_X(self, X):
         """Validated X for prediction, as a tensor of the fitted dtype and device."""
         X = validate_data(
@@ -316,7 +204,7 @@ class FiniteNTKBase(BaseEstimator):
         return self._tensor(X)
 
     def _check_device(self):
-        reason = _unavailable_device(self.device)
+        reason = unavailable_device(self.device)
         if reason is not None:
             raise ValueError(
                 f"device={self.device!r} is not available on this machine ({reason}). "

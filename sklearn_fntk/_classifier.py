@@ -126,6 +126,14 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
     forward_mode_ : bool
         False when the network lacks forward-mode rules and J·v uses a double VJP.
 
+    Notes
+    -----
+    A fitted estimator is thread-safe: concurrent predictions equal serial ones bit
+    for bit (its network's passes run one at a time under a process-wide lock). A
+    fit that fails, KeyboardInterrupt included, leaves the previous fitted state;
+    X, y and ``sample_weight`` are never written to. See the user guide,
+    "Reliability".
+
     Examples
     --------
     >>> from sklearn.datasets import load_iris

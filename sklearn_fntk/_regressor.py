@@ -5,32 +5,30 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.base import RegressorMixin, _fit_context
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import (
     Interval,
     StrOptions,
-    validate_parameter_constraints,
 )
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import FiniteNTKBase, _to_tensor
-from ._diagnostics import actions, check_finite, warn
+from ._diagnostics import (
+    check_finite,
+    check_low_rank_variance,
+    check_regression_solve,
+    warn,
+)
 from ._inference.gaussian import GaussianPosterior
-from ._inference.system import eigh_parts
+from ._joint_predictive import JointPredictiveMixin
 from ._linearize.jacobian import scale_rows
-from ._regression_evidence import EvidenceMixin
+from ._marginal_likelihood import MarginalLikelihoodMixin
 
 __all__ = ["FiniteNTKRegressor"]
 
-# variance="low_rank" warns above this tail weight.
-LOW_RANK_MAX_TAIL_WEIGHT = 0.1
-# A CG fit warns where rounding alone may move the mean by more than this times tol
-# (see FiniteNTKRegressor._check_solution).
-MEAN_ACCURACY_FACTOR = 10.0
 
-
-class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
+class FiniteNTKRegressor(
+    RegressorMixin, JointPredictiveMixin, MarginalLikelihoodMixin, FiniteNTKBase
+):
     """Gaussian-process regression with the finite-width NTK of a trained network.
 
     The network f_θ is linearized around its trained weights θ,
@@ -163,6 +161,14 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
         For the low-rank variance, see ``variance``.
     forward_mode_ : bool
         False when the network lacks forward-mode rules and J·v uses a double VJP.
+
+    Notes
+    -----
+    A fitted estimator is thread-safe: concurrent predictions equal serial ones bit
+    for bit (its network's passes run one at a time under a process-wide lock). A
+    fit that fails, KeyboardInterrupt included, leaves the previous fitted state;
+    X, y and ``sample_weight`` are never written to. See the user guide,
+    "Reliability".
 
     Examples
     --------
@@ -337,8 +343,9 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
         finally:
             if progress is not None:
                 progress.close()
-        self._check_solution(posterior, float(torch.linalg.vector_norm(scaled_targets)))
-        self._check_low_rank_variance(choices.variance, posterior)
+        scale = float(torch.linalg.vector_norm(scaled_targets))
+        check_regression_solve(self, posterior, scale)
+        check_low_rank_variance(choices.variance, posterior)
         self._commit(
             {
                 **state,
@@ -365,77 +372,6 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
         )
         return self
 
-    def _targets(self, Y, theta):
-        """Y as a tensor like θ, checked to fit its dtype's range."""
-        targets = _to_tensor(Y, theta)
-        if not bool(torch.isfinite(targets).all()):
-            raise ValueError(
-                f"y has values up to {float(np.abs(Y).max()):.3g}, beyond the range "
-                f"of {self.dtype} (largest {torch.finfo(theta.dtype).max:.3g}). "
-                "Rescale y (for example with TransformedTargetRegressor), or use "
-                "dtype='float64'."
-            )
-        return targets
-
-    def _check_solution(self, posterior, scale):
-        """Errors and warnings on the fit's solve: not finite, short of its stopping
-        rule, or finer than its dtype resolves.
-
-        The last: with c = noise/prior, λ the largest eigenvalue of JᵀJ and u the
-        unit roundoff, products rounded to u·λ·‖δ‖ move δ by A⁻¹ of that, and the
-        mean at the training inputs by at most u·λ·‖δ‖ / (2√c), since
-        ‖J A⁻¹‖ ≤ 1/(2√c); relative to ``scale`` (‖y‖, the mean's size), a
-        first-order bound that was 1.5-15 times the float32 errors measured
-        against float64 (noise 1e-8 to 1e-1, 600 samples, p = 745).
-        """
-        solve = f"the fit's {posterior.space}-space {posterior.choices.solver} solve"
-        float64 = "use dtype='float64'" if self.dtype != "float64" else ""
-        delta = posterior.delta
-        if not bool(torch.isfinite(delta).all()):
-            raise FloatingPointError(
-                f"{type(self).__name__}: {solve} returned NaN or infinite values, "
-                "although the network's outputs and Jacobian on X are finite: the "
-                f"system is too ill-conditioned (noise={posterior.noise:g}, "
-                f"prior={posterior.prior:g}) or y too large for {self.dtype}. "
-                + actions(float64, "increase noise", "lower prior", "rescale y")
-            )
-        self._warn_unconverged(posterior.report, "the fit's solve", self.tol, self.dtype)
-        kappa = posterior.condition_number
-        if kappa is None:
-            return
-        c = posterior.noise / posterior.prior
-        unit = torch.finfo(delta.dtype).eps / 2
-        norm = float(torch.linalg.vector_norm(delta.double()))
-        bound = unit * (kappa - 1.0) * c**0.5 * norm / (2.0 * max(scale, 1e-300))
-        if bound > MEAN_ACCURACY_FACTOR * self.tol:
-            warn(
-                f"{type(self).__name__}: {solve} is too ill-conditioned for "
-                f"{self.dtype}: with noise/prior = {c:.3g} its condition number is "
-                f"about {kappa:.2g}, and rounding alone may move the predictive mean "
-                f"by up to {min(bound, 1.0):.2g} (relative; a first-order bound at the "
-                f"training inputs), more than {MEAN_ACCURACY_FACTOR:g}·tol = "
-                f"{MEAN_ACCURACY_FACTOR * self.tol:g}. "
-                + actions(float64, "increase noise", "lower prior"),
-                ConvergenceWarning,
-            )
-
-    def _check_low_rank_variance(self, variance, posterior):
-        """Warn where the low-rank variance stopped short of the noise level.
-
-        A direction left out weighing more than ``LOW_RANK_MAX_TAIL_WEIGHT`` means a
-        rank cap was hit well before the noise level: the variances may be
-        overestimated by up to that fraction of the prior variance.
-        """
-        weight = posterior.variance_tail_weight
-        if variance != "low_rank" or weight <= LOW_RANK_MAX_TAIL_WEIGHT:
-            return
-        warn(
-            f"The low-rank variance stopped at rank {posterior.rank} with directions "
-            f"left out weighing up to {weight:.2f} (above {LOW_RANK_MAX_TAIL_WEIGHT}): "
-            "predictive variances may be overestimated by up to that fraction of the "
-            "prior variance. Increase rank, or use variance='exact'."
-        )
-
     def _shape_outputs(self, array):
         """(m, k) -> (m,) when fitted on a 1-D y."""
         return array[:, 0] if self._y_ndim == 1 else array
@@ -455,16 +391,6 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
             )
             parts.append(variance.reshape(-1, self.n_outputs_))
         return torch.cat(parts).clamp_min(0.0)
-
-    def _latent_covariance(self, X, what, after=()):
-        """Joint predictive covariance over all test points and outputs, (m·k, m·k),
-        after checking that it fits with what the caller then holds (``after``)."""
-        rows = X.shape[0] * self.n_outputs_
-        advice = "pass fewer test points at a time"
-        self._posterior.check_covariance(rows, what, advice, after)
-        covariance, report = self._posterior.covariance(X, diagonal=False)
-        self._warn_unconverged(report, "predictive covariance")
-        return covariance
 
     def predict(self, X, return_std=False, return_cov=False, include_noise=False):
         """Predictive mean, and optionally std or covariance.
@@ -531,44 +457,3 @@ class FiniteNTKRegressor(EvidenceMixin, RegressorMixin, FiniteNTKBase):
         if include_noise:
             variance = variance + self.noise_
         return self._shape_outputs(self._numpy(torch.sqrt(variance)))
-
-    def sample_y(self, X, n_samples=1, random_state=0):
-        """Draw latent functions from the posterior at X (joint over points and outputs).
-
-        The draws are mean + U·diag(√λ)·z, with U diag(λ) Uᵀ the eigendecomposition
-        of the joint covariance (in float64; negative rounding eigenvalues count as
-        0) and z standard normal. Raises MemoryError, before allocating, when the
-        covariance and its eigendecomposition do not fit.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples_X, ...)
-        n_samples : int, default=1
-        random_state : int, RandomState instance or None, default=0
-
-        Returns
-        -------
-        y_samples : ndarray
-            Shape (n_samples_X, n_samples), or (n_samples_X, n_outputs, n_samples)
-            for a multi-output fit.
-        """
-        validate_parameter_constraints(
-            {"n_samples": [Interval(Integral, 1, None, closed="left")]},
-            {"n_samples": n_samples},
-            caller_name="sample_y",
-        )
-        check_is_fitted(self)
-        X = self._validate_predict_X(X)
-        rng = check_random_state(random_state)
-        mean = self._numpy(self._latent_mean(X)).reshape(-1)
-        rows = X.shape[0] * self.n_outputs_
-        after = [("the float64 copy", (rows, rows), torch.float64)]
-        after += eigh_parts(rows, torch.float64)
-        covariance = self._latent_covariance(X, "sample_y", after).to(torch.float64)
-        eigenvalues, factor = torch.linalg.eigh(covariance)
-        del covariance
-        factor.mul_(eigenvalues.clamp_min(0.0).sqrt())  # U diag(√λ), in place
-        normal = torch.from_numpy(rng.standard_normal((rows, n_samples)))
-        draws = mean[:, None] + (factor @ normal.to(factor.device)).cpu().numpy()
-        draws = draws.reshape(X.shape[0], self.n_outputs_, n_samples)
-        return draws[:, 0, :] if self._y_ndim == 1 else draws

@@ -274,7 +274,7 @@ def test_log_marginal_likelihood_of_uniform_weights():
 
 
 @pytest.mark.parametrize("space", ["function", "parameter"])
-def test_optimize_recovers_heteroscedastic_noise(space):
+def test_auto_noise_recovers_heteroscedastic_noise(space):
     """Noise std 0.1/√w_i, known up to the global σ²: the evidence finds σ² ≈ 0.01.
 
     The targets are drawn from the linearized model itself (prior draw plus noise),

@@ -1,6 +1,10 @@
-"""The log evidence at one (noise, prior), matrix-free: stochastic Lanczos
-quadrature for log|K| (Ubaru, Chen & Saad 2017; Gardner et al. 2018) and conjugate
-gradient for rᵀK⁻¹r, with products by K = s·J Jᵀ + σ² I only."""
+"""Matrix-free log evidence of the linearized-network GP, for problems too large for
+a dense factor: log|K| by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017;
+Gardner et al. 2018), rᵀK⁻¹r by conjugate gradient, with products by K only.
+
+Notation as in :mod:`.evidence`: r = y - m(X) flattened to d = n·k, σ² the noise
+variance, K = s·J Jᵀ + σ² I.
+"""
 
 import math
 from typing import NamedTuple

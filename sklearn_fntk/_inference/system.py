@@ -363,16 +363,19 @@ class LinearSystem:
     def covariance_parts(self, n_rows):
         """What a full covariance over ``n_rows`` = m·k test rows holds at its peak.
 
-        The test Jacobian (m·k, p) (none with the layerwise kernel), in function
-        space the prior covariance and the cross kernel (n·k, m·k), the solve's
-        vectors (right-hand side and solution, or the CG vectors), and the two
-        (m·k, m·k) terms of the result.
+        The test Jacobian (m·k, p) (with the layerwise kernel, the row blocks of the
+        test kernel instead), in function space the cross kernel (n·k, m·k), the
+        solve's vectors (right-hand side and solution, or the CG vectors), and the
+        (m·k, m·k) result and its terms.
         """
         op, m = self.operator, n_rows
         size = op.size
         parts = []
         if getattr(op, "structured", None) is None:
             parts.append(("the test Jacobian", (m, op.n_params)))
+        else:  # the test kernel from a chunk's rows at a time, then concatenated
+            rows = min(op.jacobian.batch_size * op.n_outputs, m)
+            parts.append(("kernel row blocks", (2, rows, m)))
         if not isinstance(op, ParameterOperator):
             parts.append(("the cross kernel", (2, size, m)))
         if self.factor is not None:

@@ -1,9 +1,11 @@
-"""The regressor's evidence: noise and prior by the marginal likelihood, and
-``log_marginal_likelihood`` at the fitted or any variances.
+"""The regressor's log marginal likelihood: noise and prior "auto" (the variances
+that maximise it, with the noise hyperprior) and ``log_marginal_likelihood`` at the
+fitted or any variances.
 
-A mixin of ``FiniteNTKRegressor`` (its only user), kept apart because it is one
-concept: everything the evidence needs from the fitted state is the posterior's
-Jacobian products, residuals and layerwise kernel.
+A mixin of FiniteNTKRegressor: it reads the fitted state (``_posterior``,
+``_evidence``, ``_log_weight``, ``_network``, ``space_``, ``solver_``) and the
+estimator's helpers (``_generator``, ``_policy``, ``_warn_unconverged``,
+``_fitted``).
 """
 
 import math
@@ -17,11 +19,12 @@ from ._diagnostics import warn
 from ._inference.evidence import spectral_evidence
 from ._inference.hyperparameters import fit_hyperparameters
 
-__all__ = ["EvidenceMixin"]
+__all__ = ["MarginalLikelihoodMixin"]
 
 
-class EvidenceMixin:
-    """``noise="auto"`` / ``prior="auto"`` and ``log_marginal_likelihood``."""
+class MarginalLikelihoodMixin:
+    """``noise="auto"`` / ``prior="auto"`` and ``log_marginal_likelihood`` for
+    FiniteNTKRegressor."""
 
     def _fit_hyperparameters(self, jacobian, residuals, structured, choices):
         """Fit the "auto" ones of noise and prior by the evidence (see
