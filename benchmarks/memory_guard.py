@@ -39,6 +39,7 @@ CASES = {
     "evidence, optimize=True": (3000, 20000),
     "evidence after a CG fit": (6000, 40000),
     "predict(return_cov=True)": (6000, 12000, 40000),
+    "return_cov after a CG fit": (6000, 40000),
     "sample_y": (3000, 30000),
 }
 
@@ -88,7 +89,8 @@ def run_case(case, size):
     memory.peak_bytes = recording
     rng = np.random.default_rng(0)
     small = 200  # training points of the prediction paths
-    n = small if case in ("predict(return_cov=True)", "sample_y") else size
+    predicting = ("predict(return_cov=True)", "return_cov after a CG fit", "sample_y")
+    n = small if case in predicting else size
     X = rng.normal(size=(n, 4))
     y = np.sin(X @ np.array([1.0, -1.0, 0.5, 0.3])) + 0.1 * rng.normal(size=n)
     if "parameter space" in case:
@@ -106,6 +108,9 @@ def run_case(case, size):
             estimator_net, optimize=True, solver="dense", space="function"
         )
         target = y
+    elif case == "return_cov after a CG fit":  # parameter space: p = 97 < n = 200
+        model = FiniteNTKRegressor(estimator_net, noise=0.1, solver="cg", tol=1e-4)
+        target = y
     elif case == "evidence after a CG fit":
         model = FiniteNTKRegressor(
             estimator_net, noise=0.1, solver="cg", space="function", tol=1e-3
@@ -114,7 +119,7 @@ def run_case(case, size):
     else:
         model = FiniteNTKRegressor(estimator_net, noise=0.1, solver="dense", space=space)
         target = y
-    fit_first = case in ("evidence after a CG fit", "predict(return_cov=True)", "sample_y")
+    fit_first = case in ("evidence after a CG fit", *predicting)
     # first calls of BLAS/LAPACK and torch set up buffers: not the path's peak
     clone(model).set_params(network=_network(4, 1, (16,))).fit(X[:100], target[:100])
     if fit_first:
@@ -128,7 +133,7 @@ def run_case(case, size):
     try:
         if case == "evidence after a CG fit":
             model.log_marginal_likelihood()
-        elif case == "predict(return_cov=True)":
+        elif case.startswith(("predict(return_cov", "return_cov")):
             model.predict(X_test, return_cov=True)
         elif case == "sample_y":
             model.sample_y(X_test, n_samples=3)

@@ -61,7 +61,7 @@ class JointPredictiveMixin:
         rng = check_random_state(random_state)
         mean = self._numpy(self._latent_mean(X)).reshape(-1)
         rows = X.shape[0] * self.n_outputs_
-        after = [("the float64 copy", (rows, rows), torch.float64)]
+        after = [("a float64 copy for the eigendecomposition", (rows, rows), torch.float64)]
         after += eigh_parts(rows, torch.float64)
         covariance = self._latent_covariance(X, "sample_y", after).to(torch.float64)
         eigenvalues, factor = torch.linalg.eigh(covariance)
