@@ -36,6 +36,10 @@ class Policy:
         this many random samples per unit of rank over the output count ...
     sketch_min_samples : int, default=1024
         ... and of at least this many.
+    evidence_probes : int, default=32
+        Rademacher probes of the classifier's stochastic log-determinant (CG solver).
+    evidence_lanczos_steps : int, default=50
+        Lanczos steps per probe of that estimate.
     """
 
     dense_max_size: int = 4096
@@ -46,6 +50,8 @@ class Policy:
     max_rank: int = 512
     sketch_samples_per_rank: int = 4
     sketch_min_samples: int = 1024
+    evidence_probes: int = 32
+    evidence_lanczos_steps: int = 50
 
     def sketch_samples(self, n_samples, rank, n_outputs):
         """Training samples a Nyström sketch of a Fisher (a sum over samples, k rows
