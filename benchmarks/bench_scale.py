@@ -152,7 +152,11 @@ def nystrom(args):
             warnings.simplefilter("ignore")
             _, seconds = timed(lambda reg=reg: reg.fit(X, y))
         results[preconditioner] = (
-            reg.n_iter_, reg.rank_, seconds, sketch.preconditioner, reg.predict(X[:200])
+            reg.n_iter_,
+            reg.rank_,
+            seconds,
+            sketch.preconditioner,
+            reg.predict(X[:200]),
         )
     base_iter, _, base_time, _, base_pred = results[None]
     print(
