@@ -1,18 +1,14 @@
 """FiniteNTKClassifier: Laplace GP classification with the finite NTK of a trained network.
 
 The posterior (Newton's method for the MAP, the Laplace covariance) is
-``_inference.laplace.LaplacePosterior``; this module holds what is specific to the
+``_inference.laplace.LaplacePosterior``, its evidence (``prior="auto"``)
+``_inference.laplace_evidence``; this module holds what is specific to the
 estimator: labels, links and the scikit-learn API. Links turn the Gaussian over each
 test point's logits, mean μ* and covariance Σ* (k x k), into class scores whose
-softmax is the predictive distribution:
-
-    probit: μ* / √(1 + π/8 · diag Σ*)     (MacKay 1992, per logit)
-    mc:     log (1/S) Σ_s softmax(μ* + Σ*^½ z_s),   z_s ~ N(0, I_k)
-    map:    μ*
+softmax is the predictive distribution (``_inference.links``).
 """
 
-import math
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -25,13 +21,13 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._base import FiniteNTKBase, _to_tensor
 from ._diagnostics import actions, warn
-from ._inference.laplace import LaplacePosterior, class_logits
-from ._inference.operators import psd_sqrt
+from ._inference.links import link_scores
+from ._laplace_fit import LaplaceFitMixin
 
 __all__ = ["FiniteNTKClassifier"]
 
 
-class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
+class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
     """Laplace GP classification with the finite-width NTK of a trained network.
 
     The network's logits are linearized around its trained weights θ,
@@ -50,17 +46,29 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         ``classes_[1]``. It is deep-copied and used in eval mode; the module passed
         in is never changed. None builds a randomly initialised tanh MLP (64, 64) at
         fit time, with one logit for two classes and C logits otherwise.
-    prior : float, default=1.0
-        Prior variance s of the weights around θ: the kernel is s·J(x)J(x')ᵀ.
+    prior : float or "auto", default="auto"
+        Prior variance s of the weights around θ: the kernel is s·J(x)J(x')ᵀ. "auto"
+        maximises the Laplace approximation of the log marginal likelihood (the
+        evidence) over s, refitting the MAP at each candidate: with the dense solver
+        by the root of its exact derivative in log s, with CG by its values, the
+        log-determinant estimated by stochastic Lanczos quadrature with the same
+        probes at every s (see the user guide). The result is ``prior_``. A number
+        fixes s (as GridSearchCV needs).
     prior_mean : {"network", "zero"}, default="network"
         Prior mean of the logits: the trained network's f_θ(x), or zero.
     parameters : list of str or None, default=None
         Names (as in ``network.named_parameters()``) of the parameters to linearize;
         the others stay fixed. None: every parameter with ``requires_grad=True``.
-    link : {"probit", "mc", "map"}, default="probit"
-        How the Gaussian over the logits μ*, Σ* becomes probabilities: the probit
-        approximation softmax(μ*/√(1 + π/8·diag Σ*)); Monte Carlo, the mean softmax
-        over ``n_samples`` draws from N(μ*, Σ*); or softmax(μ*), ignoring Σ*.
+    link : {"map", "probit", "mc"}, default="map"
+        How the Gaussian over the logits μ*, Σ* becomes probabilities: softmax(μ*),
+        the posterior mode's probabilities; the probit approximation
+        softmax(μ*/√(1 + π/8·diag Σ*)); or Monte Carlo, the mean softmax over
+        ``n_samples`` draws from N(μ*, Σ*). "map" is the default because it is the
+        calibrated one where we measured: the Laplace posterior of the linearized
+        network is wide (its curvature vanishes at confidently fitted training
+        points), and its exact predictive (``"mc"``), like ``"probit"``, is
+        under-confident (user guide, "Calibration"). Σ* itself is returned by
+        :meth:`predict_latent` with any link.
     n_samples : int, default=1000
         Draws per test point for ``link="mc"``. The same standard normal draws are
         used for every test point of a call, so each point's prediction depends only
@@ -105,6 +113,8 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         Sorted class labels; logit j is ``classes_[j]`` (one logit: ``classes_[1]``).
     network_ : torch.nn.Module
         The private eval-mode copy of the network.
+    prior_ : float
+        The prior variance used: ``prior``, or the evidence's maximiser.
     delta_ : torch.Tensor of shape (``n_params_``,)
         MAP of w - θ; the predictive logit mean is f_θ(x) + J(x)·``delta_`` (without
         the f_θ term for ``prior_mean="zero"``).
@@ -119,10 +129,12 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
     preconditioner_ : str or None
         The resolved CG preconditioner (None for the dense solver).
     n_iter_ : int
-        CG iterations of the fit, summed over its Newton steps (1 per step for the
-        dense solver: one direct solve), as ``max_iter`` counts them.
+        CG iterations of the fit at ``prior_``, summed over its Newton steps (1 per
+        step for the dense solver: one direct solve), as ``max_iter`` counts them.
     n_newton_iter_ : int
-        Newton iterations of the fit.
+        Newton iterations of the fit at ``prior_``.
+    n_evidence_evaluations_ : int
+        Priors tried by ``prior="auto"`` (1 for a fixed prior).
     forward_mode_ : bool
         False when the network lacks forward-mode rules and J·v uses a double VJP.
 
@@ -145,8 +157,9 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
 
     _parameter_constraints = {
         **FiniteNTKBase._COMMON_CONSTRAINTS,
+        "prior": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "preconditioner": [StrOptions({"auto", "jacobi", "nystrom"}), None],
-        "link": [StrOptions({"probit", "mc", "map"})],
+        "link": [StrOptions({"map", "probit", "mc"})],
         "n_samples": [Interval(Integral, 1, None, closed="left")],
         "max_newton_iter": [Interval(Integral, 1, None, closed="left")],
     }
@@ -156,10 +169,10 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         self,
         network=None,
         *,
-        prior=1.0,
+        prior="auto",
         prior_mean="network",
         parameters=None,
-        link="probit",
+        link="map",
         n_samples=1000,
         solver="auto",
         space="auto",
@@ -233,26 +246,17 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
         offsets = jacobian.outputs
         if self.prior_mean == "zero":
             offsets = torch.zeros_like(offsets)
-        posterior = LaplacePosterior(
-            jacobian,
-            offsets,
-            torch.as_tensor(labels, device=offsets.device),
+        arguments = dict(
+            jacobian=jacobian,
+            offsets=offsets,
+            labels=torch.as_tensor(labels, device=offsets.device),
             weights=None if sample_weight is None else _to_tensor(sample_weight, theta),
             n_classes=n_classes,
-            prior=self.prior,
             choices=choices,
-            policy=self._policy,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            max_newton_iter=self.max_newton_iter,
         )
         progress = self._cg_progress()
         try:
-            posterior.fit(
-                generator=self._generator(self.device),
-                callback=progress,
-                report=self._newton_progress(),
-            )
+            posterior, evidence, evaluations = self._fit_posterior(arguments, progress)
         finally:
             if progress is not None:
                 progress.close()
@@ -260,8 +264,8 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
             raise FloatingPointError(
                 f"{type(self).__name__}: Newton's method returned NaN or infinite "
                 "values, although the network's outputs and Jacobian on X are finite: "
-                f"the Laplace system is too ill-conditioned (prior={self.prior:g}) for "
-                f"{self.dtype}. "
+                "the Laplace system is too ill-conditioned "
+                f"(prior={posterior.prior:g}) for {self.dtype}. "
                 + actions("use dtype='float64'" * (self.dtype != "float64"), "lower prior")
             )
         self._warn_newton(posterior)
@@ -279,6 +283,9 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
                 "delta_": posterior.delta,
                 "n_iter_": posterior.cg_iterations,
                 "n_newton_iter_": posterior.n_iter,
+                "prior_": posterior.prior,
+                "_evidence": evidence,
+                "n_evidence_evaluations_": evaluations,
             }
         )
         return self
@@ -333,56 +340,65 @@ class FiniteNTKClassifier(ClassifierMixin, FiniteNTKBase):
             f"{n_classes} classes; expected {expected}."
         )
 
-    def _newton_progress(self):
-        """A Newton callback printing progress when ``verbose > 0``."""
-        if not self.verbose:
-            return None
-
-        def report(iteration, objective, gradient_norm, step_size, cg_iterations):
-            print(
-                f"[{type(self).__name__}] Newton iteration {iteration}: objective "
-                f"{objective:.6g}, gradient norm {gradient_norm:.3e}, step size "
-                f"{step_size:g}, {cg_iterations} CG iteration(s)"
-            )
-
-        return report
-
     # -- prediction -----------------------------------------------------------------------
+
+    def _latent(self, X, covariance=True):
+        """Yield each chunk's logit mean (b, k) and covariance (b, k, k), or None
+        for the covariance when it is not asked for; X a validated tensor."""
+        for start in range(0, X.shape[0], self.batch_size):
+            chunk = X[start : start + self.batch_size]
+            mean = self._latent_mean(chunk)
+            if not covariance:
+                yield mean, None
+                continue
+            cov, report = self._posterior.covariance(chunk)
+            self._warn_unconverged(report, "predictive covariances")
+            yield mean, cov
 
     def _scores(self, X):
         """The link's class scores, shape (m, C); their softmax is predict_proba."""
         check_is_fitted(self)
         X = self._validate_predict_X(X)
-        n_classes = len(self.classes_)
-        link, n_samples = self.link, self.n_samples  # prediction options, not the model
-        if link == "mc":
+        draws = None
+        if self.link == "mc":
             rng = check_random_state(self.random_state)
-            draws = self._tensor(rng.standard_normal((n_samples, self.n_logits_)))
-        parts = []
-        for start in range(0, X.shape[0], self.batch_size):
-            chunk = X[start : start + self.batch_size]
-            mean = self._latent_mean(chunk)
-            if link == "map":
-                parts.append(class_logits(mean, n_classes))
-                continue
-            cov, report = self._posterior.covariance(chunk)
-            self._warn_unconverged(report, "predictive covariances")
-            if link == "probit":
-                variance = cov.diagonal(dim1=1, dim2=2).clamp_min(0.0)
-                scaled = mean / torch.sqrt(1.0 + math.pi / 8.0 * variance)
-                parts.append(class_logits(scaled, n_classes))
-                continue
-            # mc: logits μ + Σ^½ z_s, shape (m, S, k); log of the mean softmax
-            samples = mean[:, None, :] + torch.einsum("iab,sb->isa", psd_sqrt(cov), draws)
-            log_probs = torch.log_softmax(class_logits(samples, n_classes), dim=-1)
-            parts.append(torch.logsumexp(log_probs, dim=1) - math.log(n_samples))
+            draws = self._tensor(rng.standard_normal((self.n_samples, self.n_logits_)))
+        parts = [
+            link_scores(self.link, mean, cov, len(self.classes_), draws)
+            for mean, cov in self._latent(X, covariance=self.link != "map")
+        ]
         return torch.cat(parts)
+
+    def predict_latent(self, X):
+        """Posterior mean and covariance of the logits at each test point.
+
+        The Laplace posterior N(δ̂, H⁻¹) of the linearized network gives each test
+        point x* Gaussian logits with mean μ* = m(x*) + J(x*)δ̂ and covariance
+        Σ* = J(x*) H⁻¹ J(x*)ᵀ, whatever ``link`` is; the links turn them into
+        probabilities. Covariances are exact with the dense solver, accurate to
+        ``tol`` (relative) with CG.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+
+        Returns
+        -------
+        mean : ndarray of shape (n_samples, n_logits)
+            μ*, in ``classes_`` order (one logit: that of ``classes_[1]``).
+        cov : ndarray of shape (n_samples, n_logits, n_logits)
+            Σ*, one block per test point (no covariances between test points).
+        """
+        check_is_fitted(self)
+        X = self._validate_predict_X(X)
+        means, covariances = zip(*self._latent(X), strict=True)
+        return self._numpy(torch.cat(means)), self._numpy(torch.cat(covariances))
 
     def decision_function(self, X):
         """The link's scores: they rank classes as :meth:`predict_proba` does.
 
-        probit: moderated logits μ*/√(1 + π/8·diag Σ*); mc: log-probabilities;
-        map: logits μ*. With one logit the first class scores 0.
+        map: logits μ*; probit: moderated logits μ*/√(1 + π/8·diag Σ*); mc:
+        log-probabilities. With one logit the first class scores 0.
 
         Parameters
         ----------

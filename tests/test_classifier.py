@@ -114,7 +114,9 @@ def test_parameter_space_nystrom_from_a_subsample_matches_reference(
     monkeypatch.setattr(JacobianProducts, "subsample", recording)
     net, X, y, X_test, reference = reference_case
     path = PATHS["parameter-cg-nystrom"]
-    clf = FiniteNTKClassifier(net, prior=2.0, tol=1e-10, random_state=0, **path)
+    clf = FiniteNTKClassifier(
+        net, prior=2.0, link="probit", tol=1e-10, random_state=0, **path
+    )
     clf._policy = Policy(sketch_samples_per_rank=0, sketch_min_samples=20)
     clf.fit(X, y)
     assert len(drawn) >= 2 and set(drawn) == {20}
@@ -127,7 +129,8 @@ def test_prior_mean_zero_matches_reference():
     X, y = blobs(40, 3)
     net = mlp()
     reference = laplace_reference(net, X, y, X, prior=0.5, prior_mean="zero")
-    clf = FiniteNTKClassifier(net, prior=0.5, prior_mean="zero", tol=1e-10).fit(X, y)
+    clf = FiniteNTKClassifier(net, prior=0.5, prior_mean="zero", link="probit", tol=1e-10)
+    clf.fit(X, y)
     expected = probit_proba(reference["mean"], reference["cov"])
     np.testing.assert_allclose(clf.predict_proba(X), expected, rtol=1e-5)
 

@@ -335,7 +335,9 @@ def test_classifier_matches_weighted_reference(n_classes, n_logits):
         np.abs(probit_proba(unweighted["mean"], unweighted["cov"]) - expected).max() > 1e-2
     )
     for path in CLASSIFIER_PATHS:
-        clf = FiniteNTKClassifier(net, prior=2.0, tol=1e-10, random_state=0, **path)
+        clf = FiniteNTKClassifier(
+            net, prior=2.0, link="probit", tol=1e-10, random_state=0, **path
+        )
         clf.fit(X, y, sample_weight=w)
         np.testing.assert_allclose(clf.delta_.numpy(), ref["delta"], rtol=1e-6, atol=1e-9)
         assert_close("proba", clf.predict_proba(X_test), expected, 1e-6)
@@ -346,12 +348,17 @@ def test_classifier_integer_weights_are_repeated_rows(path):
     X, y = blobs(40, 3)
     net = mlp(n_in=2, n_out=3)
     w = np.random.default_rng(2).integers(0, 4, size=len(X))
-    options = dict(prior=2.0, tol=1e-10, random_state=0, **path)
+    options = dict(link="probit", tol=1e-10, random_state=0, **path)
     weighted = FiniteNTKClassifier(net, **options).fit(X, y, sample_weight=w)
     repeated = FiniteNTKClassifier(net, **options).fit(
         np.repeat(X, w, axis=0), np.repeat(y, w)
     )
-    assert_close("repeat", weighted.predict_proba(X), repeated.predict_proba(X), 1e-9)
+    # the Laplace evidence of prior="auto" too: its maximiser is the same
+    assert weighted.prior_ == pytest.approx(repeated.prior_, rel=1e-8)
+    assert weighted.log_marginal_likelihood() == pytest.approx(
+        repeated.log_marginal_likelihood(), rel=1e-10
+    )
+    assert_close("repeat", weighted.predict_proba(X), repeated.predict_proba(X), 1e-8)
 
 
 def test_classifier_unit_weights_change_nothing():

@@ -116,6 +116,12 @@ class LaplacePosterior:
         ‖g‖ at δ̂ and at δ = 0.
     objective : float
         L(δ̂), eq. (1).
+    probs : torch.Tensor of shape (n, k)
+        π at δ̂, over the network's k logits.
+    weights : torch.Tensor of shape (n,)
+        The sample weights v (ones when none were given).
+    gram : torch.Tensor of shape (n·k, n·k) or None
+        G = J Jᵀ, for the dense function-space solver (None otherwise).
     system : LinearSystem
         Solves with H (or B) at δ̂.
     """
@@ -139,16 +145,23 @@ class LaplacePosterior:
         self.prior, self.choices, self.policy = prior, choices, policy
         self.tol, self.max_iter, self.max_newton_iter = tol, max_iter, max_newton_iter
         self.n_classes, self.n_logits = n_classes, jacobian.n_outputs
-        self._weights = torch.ones_like(offsets[:, 0]) if weights is None else weights
+        self.weights = torch.ones_like(offsets[:, 0]) if weights is None else weights
         # Y restricted to the network's logits: the last k of the C one-hot columns.
         one_hot = torch.nn.functional.one_hot(labels, n_classes).to(offsets.dtype)
         self._targets = one_hot[:, n_classes - self.n_logits :]
 
-    def fit(self, *, generator=None, callback=None, report=None):
+    def fit(self, *, start=None, gram=None, generator=None, callback=None, report=None):
         """Find the MAP by Newton's method and build H there.
 
         Parameters
         ----------
+        start : torch.Tensor of shape (p,) or None
+            Where Newton's method starts (the MAP at another prior, when searching
+            over priors); None for δ = 0. The stopping rule is relative to the
+            gradient at δ = 0 either way.
+        gram : torch.Tensor of shape (n·k, n·k) or None
+            G = J Jᵀ already assembled (the ``gram`` of a fit on the same data), for
+            the dense function-space solver; None assembles it there.
         generator : torch.Generator or None
             For the Nyström sketches.
         callback : callable or None
@@ -162,14 +175,16 @@ class LaplacePosterior:
         self
         """
         self._generator = generator
-        self._gram = None
+        self.gram = None
         if self.choices.solver == "dense":
             self._check_dense()
         if self.choices.space == "function" and self.choices.solver == "dense":
             # G = J Jᵀ, assembled once: only Λ changes between Newton iterations
-            self._gram = FunctionOperator(self.jacobian, prior=1.0, shift=1.0).gram_dense()
-        probs = self._newton(callback, report)
-        self.system = self._system(probs)
+            if gram is None:
+                gram = FunctionOperator(self.jacobian, prior=1.0, shift=1.0).gram_dense()
+            self.gram = gram
+        self.probs = self._newton(start, callback, report)
+        self.system = self._system(self.probs)
         return self
 
     def _check_dense(self):
@@ -186,7 +201,7 @@ class LaplacePosterior:
         """The operator of H at the probabilities π, Λ_i = v_i (diag(π_i) - π_i π_iᵀ),
         and what it is called in messages."""
         curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-        curvature = self._weights[:, None, None] * curvature
+        curvature = self.weights[:, None, None] * curvature
         if self.choices.space == "parameter":
             operator = ParameterOperator(
                 self.jacobian, shift=1.0 / self.prior, curvature=curvature
@@ -214,7 +229,7 @@ class LaplacePosterior:
             policy=self.policy,
         )
         return system.build(
-            preconditioner=preconditioner, gram=self._gram, what=what, advice=_ADVICE
+            preconditioner=preconditioner, gram=self.gram, what=what, advice=_ADVICE
         )
 
     def _inverse(self, system, G, tol, callback):
@@ -232,18 +247,22 @@ class LaplacePosterior:
         back = blockwise(root, result.solution.reshape(rhs.shape))
         return sG - self.prior * self.jacobian.vjp(back), result
 
+    def inverse(self, G):
+        """H⁻¹ G at δ̂ for G of shape (p, m), to ``tol``, and the CG report."""
+        return self._inverse(self.system, G, self.tol, None)
+
     # -- eqs. (1) and (2) ---------------------------------------------------------------
 
     def _objective(self, logits, delta):
         """L(δ) of eq. (1) and the network-logit probabilities π, shape (n, k)."""
         log_probs = torch.log_softmax(class_logits(logits, self.n_classes), dim=-1)
-        nll = -(self._weights * log_probs.gather(1, self.labels[:, None])[:, 0]).sum()
+        nll = -(self.weights * log_probs.gather(1, self.labels[:, None])[:, 0]).sum()
         probs = log_probs.exp()[:, self.n_classes - self.n_logits :]
         return float(nll + delta @ delta / (2 * self.prior)), probs
 
     def _misfit(self, probs):
         """v ⊙ (π - Y), shape (n, k): the likelihood's gradient in the logits."""
-        return self._weights[:, None] * (probs - self._targets)
+        return self.weights[:, None] * (probs - self._targets)
 
     def _gradient(self, probs, delta):
         """g = Jᵀ (v ⊙ (π - Y)) + δ/s, eq. (2)."""
@@ -251,8 +270,9 @@ class LaplacePosterior:
 
     # -- Newton's method ------------------------------------------------------------------
 
-    def _newton(self, callback, report):
-        """Minimize eq. (1); sets the Newton attributes (see the class docstring).
+    def _newton(self, start, callback, report):
+        """Minimize eq. (1) from ``start`` (None: 0); sets the Newton attributes (see
+        the class docstring).
 
         Returns the probabilities π at δ̂.
         """
@@ -261,6 +281,12 @@ class LaplacePosterior:
         objective, probs = self._objective(logits, delta)
         gradient = self._gradient(probs, delta)
         initial_norm = gradient_norm = float(torch.linalg.vector_norm(gradient))
+        if start is not None:
+            delta = start.clone()
+            logits = logits + self.jacobian.jvp(delta)
+            objective, probs = self._objective(logits, delta)
+            gradient = self._gradient(probs, delta)
+            gradient_norm = float(torch.linalg.vector_norm(gradient))
         stopping = self.tol * initial_norm
         self.cg_iterations = self.unconverged_solves = self.drifted_solves = 0
         self.converged = self.stalled = False
@@ -330,8 +356,6 @@ class LaplacePosterior:
                 return step_size, trial_objective, probs
             step_size /= 2
         return None
-
-    # -- prediction -----------------------------------------------------------------------
 
     # -- prediction -----------------------------------------------------------------------
 

@@ -302,26 +302,41 @@ class FunctionOperator(_Operator):
         P = torch.einsum("iab,ibjc,jcd->iajd", self.root, K.reshape(n, k, n, k), self.root)
         return P.reshape(self.size, self.size)
 
-    def test_kernels(self, X, diagonal):
+    def test_kernels(self, X, mode):
         """Prior kernel at test inputs X and its cross kernel with the training set.
+
+        Parameters
+        ----------
+        X : torch.Tensor of shape (m, ...)
+        mode : {"diagonal", "blocks", "full"}
+            Which part of the prior kernel to return.
 
         Returns
         -------
-        prior : torch.Tensor of shape (m·k,) if ``diagonal`` else (m·k, m·k)
-            s·J* J*ᵀ (or its diagonal).
+        prior : torch.Tensor of shape (m·k,), (m, k, k) or (m·k, m·k)
+            s·J* J*ᵀ: its diagonal, its (k, k) block per test point, or all of it.
         cross : torch.Tensor of shape (n·k, m·k)
             s·Λ^½ J J*ᵀ.
         """
+        m, k = X.shape[0], self.n_outputs
         if self.structured is not None:
             features = self.structured.features(X)
             cross = self.structured.cross(features)
-            if diagonal:
+            if mode == "diagonal":
                 prior = self.structured.diagonal(features)
             else:
                 prior = self.structured.gram(features, features)
+                if mode == "blocks":
+                    prior = torch.einsum("iaib->iab", prior.reshape(m, k, m, k))
             return self.prior * prior, self._curve(self.prior * cross)
         Jt = self.test_jacobian(X)
-        prior = (Jt**2).sum(1) if diagonal else Jt @ Jt.T
+        if mode == "diagonal":
+            prior = (Jt**2).sum(1)
+        elif mode == "blocks":  # m·k²·p, not the (m·k)²·p of all of J* J*ᵀ
+            rows = Jt.reshape(m, k, -1)
+            prior = torch.einsum("iap,ibp->iab", rows, rows)
+        else:
+            prior = Jt @ Jt.T
         # J J*ᵀ from explicit training blocks: one matmul each, far faster than
         # m·k columns of Jacobian-vector products.
         blocks = self.jacobian.jacobian_blocks()

@@ -51,6 +51,11 @@ class Policy:
     evidence_quadratic_steps : int, default=200
         Lanczos steps of its quadratic term rᵀK⁻¹r (exact once they reach the
         number of distinct eigenvalues).
+    laplace_evidence_probes : int, default=32
+        Rademacher probes of the classifier's stochastic log-determinant (CG solver).
+    laplace_evidence_steps : int, default=50
+        Lanczos steps per probe of that estimate (log|B| with B ⪰ I: the shift 1
+        keeps the small eigenvalues from needing many nodes).
     """
 
     dense_max_size: int = 4096
@@ -65,6 +70,8 @@ class Policy:
     evidence_probes: int = 16
     evidence_log_det_steps: int = 150
     evidence_quadratic_steps: int = 200
+    laplace_evidence_probes: int = 32
+    laplace_evidence_steps: int = 50
 
     def lanczos_options(self, generator):
         """The options of ``SpectralEvidence.from_lanczos``."""

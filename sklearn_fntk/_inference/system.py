@@ -161,6 +161,17 @@ def _combine(a, b, mode, n_outputs):
     return torch.einsum("dia,dib->iab", a.reshape(shape), b.reshape(shape))
 
 
+def _direct_report(solution, n_columns):
+    """The CGResult of a direct solve: one "iteration", converged, residual 0."""
+    return CGResult(
+        solution,
+        torch.ones(n_columns, dtype=torch.long),
+        torch.zeros(n_columns, dtype=solution.dtype),
+        torch.ones(n_columns, dtype=torch.bool),
+        1,
+    )
+
+
 class LinearSystem:
     """Solves with ``operator``: a Cholesky factor, or preconditioned CG.
 
@@ -283,14 +294,7 @@ class LinearSystem:
         if self.factor is not None:
             column = B.reshape(B.shape[0], -1)
             solution = torch.cholesky_solve(column, self.factor).reshape(B.shape)
-            m = column.shape[1]
-            return CGResult(
-                solution,
-                torch.ones(m, dtype=torch.long),
-                torch.zeros(m, dtype=B.dtype),
-                torch.ones(m, dtype=torch.bool),
-                1,
-            )
+            return _direct_report(solution, column.shape[1])
         return conjugate_gradient(
             self.operator.matmat,
             B,
@@ -334,8 +338,9 @@ class LinearSystem:
         """
         k = self.operator.n_outputs
         if self.factor is not None:
-            result = self.solve(B)
-            return _combine(B, result.solution, mode, k), result
+            # BᵀA⁻¹B = VᵀV with V = L⁻¹B: one triangular solve, not two
+            half = torch.linalg.solve_triangular(self.factor, B, upper=False)
+            return _combine(half, half, mode, k), _direct_report(half, B.shape[1])
         shift, tol = self.operator.shift, self.tol
         # A residual at rounding level cannot shrink further (float32 cancellation).
         floor = 10 * torch.finfo(B.dtype).eps * torch.linalg.vector_norm(B, dim=0)
@@ -423,11 +428,12 @@ class LinearSystem:
             Jt = op.test_jacobian(X)
             values, report = self.inverse_form(Jt.T, None, mode)
             return parameter_scale * values, report
-        diagonal = mode == "diagonal"
-        prior, cross = op.test_kernels(X, diagonal)
-        variances = prior if diagonal else prior.diagonal()
-        if mode == "blocks":
-            m, k = X.shape[0], op.n_outputs
-            prior = torch.einsum("iaib->iab", prior.reshape(m, k, m, k))
+        prior, cross = op.test_kernels(X, mode)
+        if mode == "diagonal":
+            variances = prior
+        elif mode == "blocks":
+            variances = prior.diagonal(dim1=1, dim2=2).reshape(-1)
+        else:
+            variances = prior.diagonal()
         values, report = self.inverse_form(cross, variances, mode)
         return prior - values, report

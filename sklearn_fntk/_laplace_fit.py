@@ -1,0 +1,145 @@
+"""The Laplace fit of FiniteNTKClassifier: its posterior at a fixed prior or at the
+evidence's maximum (``prior="auto"``), its log evidence, and the warnings they call for.
+
+A mixin of the estimator layer, kept apart from ``_classifier`` (labels, links, the
+prediction API) for size; it reads the estimator's parameters and turns the reports of
+``_inference.laplace`` and ``_inference.laplace_evidence`` into warnings that name the
+parameter to change.
+"""
+
+import torch
+from sklearn.utils.validation import check_is_fitted
+
+from ._diagnostics import warn
+from ._inference.laplace import LaplacePosterior
+from ._inference.laplace_evidence import laplace_evidence, maximize_evidence
+
+__all__ = ["LaplaceFitMixin"]
+
+# prior="auto" searches the prior variance within these bounds. The dense search finds
+# the root of the evidence's exact derivative in t = log s to ``tol``, with Newton's
+# method run to at most EXACT_SEARCH_NEWTON_TOL (quadratic convergence: a step or two
+# more) so that the derivative is accurate beyond that; the CG search, on stochastic
+# values, stops at STOCHASTIC_SEARCH_XTOL or ``tol``, whichever is larger.
+PRIOR_BOUNDS = (1e-8, 1e5)
+EXACT_SEARCH_NEWTON_TOL = 1e-10
+STOCHASTIC_SEARCH_XTOL = 1e-2
+
+
+class LaplaceFitMixin:
+    """Fitting the Laplace posterior, with the evidence where ``prior="auto"``."""
+
+    def _fit_posterior(self, arguments, progress):
+        """The posterior at ``prior``, or at the evidence's maximum for "auto".
+
+        Returns the fitted LaplacePosterior, its LaplaceEvidence (None for a fixed
+        prior: computed on demand) and the number of priors tried.
+        """
+        shared = {}  # G = J Jᵀ of the dense function-space solver, assembled once
+        exact = arguments["choices"].solver == "dense"
+        tol = self.tol
+        if self.prior == "auto" and exact:
+            tol = min(tol, EXACT_SEARCH_NEWTON_TOL)
+
+        def fit_at(prior, start):
+            posterior = LaplacePosterior(
+                **arguments,
+                prior=prior,
+                policy=self._policy,
+                tol=tol,
+                max_iter=self.max_iter,
+                max_newton_iter=self.max_newton_iter,
+            )
+            posterior.fit(
+                start=start,
+                gram=shared.get("gram"),
+                generator=self._generator(arguments["jacobian"].w.device),
+                callback=progress,
+                report=self._newton_progress(),
+            )
+            shared["gram"] = posterior.gram
+            return posterior
+
+        if self.prior != "auto":
+            return fit_at(float(self.prior), None), None, 1
+        search = maximize_evidence(
+            fit_at,
+            start=1.0,
+            bounds=PRIOR_BOUNDS,
+            exact=exact,
+            xtol=self.tol if exact else max(self.tol, STOCHASTIC_SEARCH_XTOL),
+            evidence_options=self._evidence_options(),
+        )
+        if search.at_bound is not None:
+            low, high = PRIOR_BOUNDS
+            warn(
+                f"{type(self).__name__}: the Laplace evidence is largest at the "
+                f"{search.at_bound} bound of prior, {search.prior:g} (searched within "
+                f"[{low:g}, {high:g}]): "
+                + (
+                    "moving the weights explains the labels no better than the "
+                    "network as it is."
+                    if search.at_bound == "lower"
+                    else "the training data are separable and the evidence keeps "
+                    "rising with prior; the probabilities will be overconfident."
+                )
+                + " Pass prior as a number instead (for example chosen by "
+                "GridSearchCV)."
+            )
+        if self.verbose:
+            print(
+                f"[{type(self).__name__}] prior='auto': prior_={search.prior:.6g}, log "
+                f"evidence {search.evidence.log_marginal_likelihood:.6g}, "
+                f"{search.n_evaluations} priors tried"
+            )
+        return search.posterior, search.evidence, search.n_evaluations
+
+    def _evidence_options(self):
+        """Options of the stochastic log-determinant (CG solver), from the policy."""
+        return dict(
+            n_probes=self._policy.laplace_evidence_probes,
+            lanczos_steps=self._policy.laplace_evidence_steps,
+            generator_seed=self._seed(),
+        )
+
+    def log_marginal_likelihood(self, return_std_error=False):
+        """Laplace approximation of log p(y | X, ``prior_``) of the fitted model.
+
+        -L(δ̂) - ½ log|I + prior_·JᵀΛJ| at the MAP δ̂ (see the user guide). With the
+        dense solver it is exact; with CG the log-determinant is a stochastic Lanczos
+        quadrature estimate (the one ``prior="auto"`` maximised, if it ran).
+
+        Parameters
+        ----------
+        return_std_error : bool, default=False
+            Also return the standard error of the estimate over its probes (0 with
+            the dense solver).
+
+        Returns
+        -------
+        log_likelihood : float
+        std_error : float, optional
+        """
+        check_is_fitted(self)
+        evidence = self._evidence
+        if evidence is None:  # computed here, not stored: predictions stay read-only
+            options = self._evidence_options()
+            generator = torch.Generator(device=self.delta_.device)
+            generator.manual_seed(options.pop("generator_seed"))
+            evidence = laplace_evidence(self._posterior, generator=generator, **options)
+        value = evidence.log_marginal_likelihood
+        return (value, evidence.std_error / 2) if return_std_error else value
+
+    def _newton_progress(self):
+        """A Newton callback printing progress when ``verbose > 0``."""
+        if not self.verbose:
+            return None
+
+        def report(iteration, objective, gradient_norm, step_size, cg_iterations):
+            print(
+                f"[{type(self).__name__}] Newton iteration {iteration}: objective "
+                f"{objective:.6g}, gradient norm {gradient_norm:.3e}, step size "
+                f"{step_size:g}, {cg_iterations} CG iteration(s)"
+            )
+
+        return report
