@@ -105,9 +105,10 @@ class LaplaceFitMixin:
     def log_marginal_likelihood(self, return_std_error=False):
         """Laplace approximation of log p(y | X, ``prior_``) of the fitted model.
 
-        -L(δ̂) - ½ log|I + prior_·JᵀΛJ| at the MAP δ̂ (see the user guide). With the
-        dense solver it is exact; with CG the log-determinant is a stochastic Lanczos
-        quadrature estimate (the one ``prior="auto"`` maximised, if it ran).
+        -L(δ̂) - ½ log|I + s·JᵀΛJ| at the MAP δ̂, s = ``prior_`` (see the user
+        guide). With the dense solver it is exact; with CG the log-determinant is a
+        stochastic Lanczos quadrature estimate (the one ``prior="auto"`` maximised, if
+        it ran).
 
         Parameters
         ----------
