@@ -9,7 +9,7 @@ factorisation of G_train per fold, whatever the grid:
   layer's inputs and of the output gradients; no Jacobian), and sliced per fold into
   G_train (train x train) and the cross kernel G_cross (test x train);
 - eigendecomposition G_train = U diag(g) Uᵀ (``SpectralEvidence``, what
-  ``optimize=True`` uses): α = K⁻¹ r = U diag(1/(s·g + σ²)) Uᵀ r for every pair;
+  noise="auto" uses): α = K⁻¹ r = U diag(1/(s·g + σ²)) Uᵀ r for every pair;
 - or Householder tridiagonalisation G_train = Q T Qᵀ (``TridiagonalKernel`` below,
   LAPACK dsytrd): α = Q (T + (σ²/s) I)⁻¹ Qᵀ r / s, one O(d) tridiagonal solve per
   pair. It skips the eigenvectors (diagonalising T and back-transforming), most of

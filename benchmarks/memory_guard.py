@@ -1,8 +1,8 @@
 """The memory guard under an address-space limit: refused before allocating, or fits.
 
 Each dense path (the regressor's dense fit in both spaces, the classifier's dense
-Newton steps, the evidence: ``optimize=True`` and ``log_marginal_likelihood()`` after
-a CG fit, ``predict(return_cov=True)`` and ``sample_y``) runs in a subprocess under
+Newton steps, the evidence: noise/prior "auto" (dense) and
+``log_marginal_likelihood()`` after a CG fit, ``predict(return_cov=True)`` and ``sample_y``) runs in a subprocess under
 ``prlimit --as`` (8 GB by default), once at a size that fits and once at a size that
 does not. The table says whether the path raised MemoryError, how long it took (a
 refusal must come before the work), the peak the guard predicted, and the peak
@@ -36,7 +36,7 @@ CASES = {
     "regressor dense, parameter space": (4000, 24000),
     "classifier dense, function space": (3000, 30000),
     "classifier dense, parameter space": (3000, 24000),
-    "evidence, optimize=True": (3000, 20000),
+    "evidence, noise/prior auto": (3000, 20000),
     "evidence after a CG fit": (6000, 40000),
     "predict(return_cov=True)": (6000, 12000, 40000),
     "return_cov after a CG fit": (6000, 40000),
@@ -103,21 +103,24 @@ def run_case(case, size):
     if case.startswith("classifier"):
         model = FiniteNTKClassifier(estimator_net, solver="dense", space=space)
         target = y > 0
-    elif case == "evidence, optimize=True":
-        model = FiniteNTKRegressor(
-            estimator_net, optimize=True, solver="dense", space="function"
-        )
+    elif case == "evidence, noise/prior auto":
+        model = FiniteNTKRegressor(estimator_net, solver="dense", space="function")
         target = y
     elif case == "return_cov after a CG fit":  # parameter space: p = 97 < n = 200
-        model = FiniteNTKRegressor(estimator_net, noise=0.1, solver="cg", tol=1e-4)
+        model = FiniteNTKRegressor(
+            estimator_net, noise=0.1, prior=1.0, solver="cg", tol=1e-4
+        )
         target = y
     elif case == "evidence after a CG fit":
         model = FiniteNTKRegressor(
-            estimator_net, noise=0.1, solver="cg", space="function", tol=1e-3
-        )
+            estimator_net, noise=0.1, prior=1.0, solver="cg", space="function",
+            variance="low_rank", tol=1e-3,
+        )  # fmt: skip
         target = y
     else:
-        model = FiniteNTKRegressor(estimator_net, noise=0.1, solver="dense", space=space)
+        model = FiniteNTKRegressor(
+            estimator_net, noise=0.1, prior=1.0, solver="dense", space=space
+        )
         target = y
     fit_first = case in ("evidence after a CG fit", *predicting)
     # first calls of BLAS/LAPACK and torch set up buffers: not the path's peak
