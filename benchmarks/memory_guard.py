@@ -1,14 +1,14 @@
 """The memory guard under an address-space limit: refused before allocating, or fits.
 
-Each dense path (the regressor's dense fit in both spaces, the classifier's dense
-Newton steps, the evidence: noise/prior "auto" (dense) and
-``log_marginal_likelihood()`` after a CG fit, ``predict(return_cov=True)`` and ``sample_y``) runs in a subprocess under
+Each dense path (the regressor's dense fit in both spaces, the classifier's dense Newton
+steps, the evidence: noise/prior "auto" (dense) and ``log_marginal_likelihood()`` after
+a CG fit, ``predict(return_cov=True)`` and ``sample_y``) runs in a subprocess under
 ``prlimit --as`` (8 GB by default), once at a size that fits and once at a size that
 does not. The table says whether the path raised MemoryError, how long it took (a
-refusal must come before the work), the peak the guard predicted, and the peak
-measured: the growth of ru_maxrss over the path, from a baseline taken after import,
-data set-up and (for prediction and the evidence) the fit, with the high-water mark
-reset first (/proc/self/clear_refs), since tracemalloc does not see torch's memory.
+refusal must come before the work), the peak the guard predicted, and the peak measured:
+the growth of ru_maxrss over the path, from a baseline taken after import, data set-up
+and (for prediction and the evidence) the fit, with the high-water mark reset first
+(/proc/self/clear_refs), since tracemalloc does not see torch's memory.
 
     python benchmarks/memory_guard.py            # the table, a few minutes
     python benchmarks/memory_guard.py --limit 0  # no prlimit (peaks only)
