@@ -162,20 +162,14 @@ class MarginalLikelihoodMixin:
 
     def _spectral_evidence(self, method):
         """The evidence for any variances: the fit's if it had the kind ``method``
-        asks for (exact with the dense solver, Lanczos with CG), else a new one."""
+        asks for (exact with the dense solver, Lanczos with CG), else the
+        posterior's, built at the first such call and kept."""
         exact = method == "exact"
         evidence = self._evidence
         if evidence is not None and (self.solver_ == "dense") == exact:
             return evidence
-        posterior = self._posterior
         lanczos = None
         if not exact:
             generator = self._generator(self._network.theta.device)
             lanczos = self._policy.lanczos_options(generator)
-        return spectral_evidence(
-            posterior.jacobian,
-            posterior.residuals.reshape(posterior._shape),
-            self.space_,
-            posterior.structured,
-            lanczos,
-        )[1]
+        return self._posterior.spectral_evidence(lanczos)

@@ -18,6 +18,7 @@ Predictive variances are exact (a solve per test batch) or low-rank
 import math
 import threading
 
+from .evidence import spectral_evidence
 from .low_rank import low_rank_from_eigenpairs, low_rank_from_sketch
 from .operators import FunctionOperator, ParameterOperator
 from .stochastic_evidence import stochastic_log_marginal_likelihood
@@ -273,6 +274,21 @@ class GaussianPosterior:
             tol=self.tol,
             generator=generator,
         )
+
+    def spectral_evidence(self, lanczos=None):
+        """The :class:`SpectralEvidence` of the training data, for any (noise, prior):
+        exact (``lanczos`` None) or a Lanczos quadrature with those options. Built
+        at the first call of each kind and kept, under the evidence lock (one
+        eigendecomposition, not one per call); thread-safe."""
+        kind = "exact" if lanczos is None else "lanczos"
+        with _EVIDENCE_LOCK:
+            cache = self.__dict__.setdefault("_spectral_evidence", {})
+            if kind not in cache:
+                residuals = self.residuals.reshape(self._shape)
+                cache[kind] = spectral_evidence(
+                    self.jacobian, residuals, self.space, self.structured, lanczos
+                )[1]
+            return cache[kind]
 
     def evidence_factor(self):
         """The Cholesky factor of the system, for the exact evidence: the solver's,
