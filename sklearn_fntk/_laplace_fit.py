@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._diagnostics import warn
 from ._inference.laplace import LaplacePosterior
-from ._inference.laplace_evidence import laplace_evidence, maximize_evidence
+from ._inference.laplace_evidence import laplace_evidence, maximize_laplace_evidence
 
 __all__ = ["LaplaceFitMixin"]
 
@@ -62,7 +62,7 @@ class LaplaceFitMixin:
 
         if self.prior != "auto":
             return fit_at(float(self.prior), None), None, 1
-        search = maximize_evidence(
+        search = maximize_laplace_evidence(
             fit_at,
             start=1.0,
             bounds=PRIOR_BOUNDS,

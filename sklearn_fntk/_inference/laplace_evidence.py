@@ -43,7 +43,12 @@ from scipy.optimize import brentq, minimize_scalar
 from .._linalg.lanczos import stochastic_log_det
 from .operators import blockwise
 
-__all__ = ["EvidenceSearch", "LaplaceEvidence", "laplace_evidence", "maximize_evidence"]
+__all__ = [
+    "EvidenceSearch",
+    "LaplaceEvidence",
+    "laplace_evidence",
+    "maximize_laplace_evidence",
+]
 
 # Steps of the bracketing search, in log s; a factor of 10 per step.
 _BRACKET_STEP = math.log(10.0)
@@ -180,7 +185,7 @@ def laplace_evidence(
 
 
 class EvidenceSearch(NamedTuple):
-    """Result of :func:`maximize_evidence`.
+    """Result of :func:`maximize_laplace_evidence`.
 
     Attributes
     ----------
@@ -203,7 +208,7 @@ class EvidenceSearch(NamedTuple):
     at_bound: str | None
 
 
-def maximize_evidence(fit_at, *, start, bounds, exact, xtol, evidence_options):
+def maximize_laplace_evidence(fit_at, *, start, bounds, exact, xtol, evidence_options):
     """Maximise the Laplace evidence over the prior variance s.
 
     With the dense solver (``exact``) the exact gradient (3) is bracketed in
