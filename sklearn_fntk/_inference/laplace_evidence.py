@@ -41,6 +41,7 @@ import torch
 from scipy.optimize import brentq, minimize_scalar
 
 from .._linalg.lanczos import stochastic_log_det
+from .._linearize.jacobian import EXPLICIT_BLOCK_BYTES
 from .operators import blockwise
 
 __all__ = [
@@ -109,29 +110,68 @@ def _log_det_stochastic(posterior, n_probes, lanczos_steps, generator):
     )
 
 
+def _chunk_bytes(factor):
+    """Bytes of one block of right-hand sides of a triangular solve with ``factor``:
+    at most ``EXPLICIT_BLOCK_BYTES`` and an eighth of the factor, so that the
+    evidence's solves add little to what the fit held (the memory guard's peak)."""
+    return min(EXPLICIT_BLOCK_BYTES, factor.numel() * factor.element_size() // 8)
+
+
+def _chunks(total, width, factor):
+    """Ranges over ``total`` right-hand sides, in multiples of ``width`` (one training
+    point's k columns), of at most :func:`_chunk_bytes` each."""
+    column_bytes = factor.shape[0] * factor.element_size()
+    step = max(1, _chunk_bytes(factor) // (column_bytes * width)) * width
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _solve(factor, rhs):
+    """L⁻¹ rhs for the lower-triangular factor L."""
+    return torch.linalg.solve_triangular(factor, rhs, upper=False)
+
+
+def _inverse_trace(factor):
+    """tr(A⁻¹) = ‖L⁻¹‖²_F for A = L Lᵀ, solving for identity columns a block at a
+    time (never L⁻¹ whole)."""
+    d, total = factor.shape[0], 0.0
+    for start, stop in _chunks(d, 1, factor):
+        columns = factor.new_zeros(d, stop - start)
+        columns[start:stop].fill_diagonal_(1.0)
+        total += float(_solve(factor, columns).square_().sum())
+    return total
+
+
 def _training_covariances(posterior):
     """Σ_i = J_i H⁻¹ J_iᵀ for every training point, shape (n, k, k), and
-    τ = s·tr(JᵀΛJ (I + s·JᵀΛJ)⁻¹) of eq. (3), from the dense factor."""
+    τ = s·tr(JᵀΛJ (I + s·JᵀΛJ)⁻¹) of eq. (3), from the dense factor.
+
+    Triangular solves a block of right-hand sides at a time (:func:`_chunks`): the
+    factor, the Gram matrix (function space) and the explicit Jacobian blocks
+    (parameter space) are what the fit held; the solves add a fraction of the factor.
+    """
     factor, s = posterior.system.factor, posterior.prior
-    identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    inverse_factor = torch.linalg.solve_triangular(factor, identity, upper=False)
-    inverse_trace = float((inverse_factor**2).sum())  # tr(A⁻¹) = ‖L⁻¹‖²_F
+    inverse_trace = _inverse_trace(factor)
+    covariances = []
     if posterior.choices.space == "parameter":
-        blocks = []
         for _, J in posterior.jacobian.jacobian_blocks():  # J: (b, k, p)
-            half = inverse_factor @ J.flatten(0, 1).T  # L⁻¹ J_bᵀ: (p, b·k)
-            half = half.reshape(-1, *J.shape[:2])
-            blocks.append(torch.einsum("pia,pib->iab", half, half))
-        return torch.cat(blocks), factor.shape[0] - inverse_trace / s
-    # function space: Σ = K - K Λ^½ B⁻¹ Λ^½ K with K = s·G; only its diagonal blocks
-    root = posterior.system.operator.root
+            b, k = J.shape[:2]
+            for start, stop in _chunks(b, 1, factor):
+                half = _solve(factor, J[start:stop].flatten(0, 1).T)  # L⁻¹ J_rᵀ
+                half = half.reshape(-1, stop - start, k)
+                covariances.append(torch.einsum("pia,pib->iab", half, half))
+        return torch.cat(covariances), factor.shape[0] - inverse_trace / s
+    # function space: Σ = K - K Λ^½ B⁻¹ Λ^½ K with K = s·G; only its diagonal blocks,
+    # from the columns of K of a block of training points at a time
+    root, gram = posterior.system.operator.root, posterior.gram
     n, k = root.shape[:2]
-    K = s * posterior.gram
-    half = inverse_factor @ blockwise(root, K.reshape(n, k, n * k)).reshape(n * k, n * k)
-    half = half.reshape(n * k, n, k)
-    prior_blocks = torch.einsum("iaib->iab", K.reshape(n, k, n, k))
-    covariances = prior_blocks - torch.einsum("dia,dib->iab", half, half)
-    return covariances, n * k - inverse_trace
+    for start, stop in _chunks(n * k, k, factor):
+        K = s * gram[:, start:stop]  # (n·k, b·k)
+        half = _solve(factor, blockwise(root, K.reshape(n, k, -1)).reshape(n * k, -1))
+        half = half.reshape(n * k, -1, k)
+        points = slice(start // k, stop // k)
+        prior_blocks = torch.einsum("iaib->iab", K.reshape(n, k, -1, k)[points])
+        covariances.append(prior_blocks - torch.einsum("dia,dib->iab", half, half))
+    return torch.cat(covariances), n * k - inverse_trace
 
 
 def _gradient(posterior):
@@ -242,13 +282,18 @@ def maximize_laplace_evidence(fit_at, *, start, bounds, exact, xtol, evidence_op
     low, high = math.log(bounds[0]), math.log(bounds[1])
     options = dict(evidence_options)
     seed = options.pop("generator_seed")
-    cache = {}
+    cache = {}  # t -> (δ̂, LaplaceEvidence) of every prior tried
+    # The last posterior fitted, and only it: a dense posterior holds a d×d factor,
+    # and it is released before the next is fitted, so that the search's peak is
+    # one fit's (what the memory guard checks), whatever the number of priors.
+    held = {}
 
     def evaluate(t):
         t = float(np.clip(t, low, high))
         if t not in cache:
             nearest = min(cache, key=lambda u: abs(u - t), default=None)
-            warm = None if nearest is None else cache[nearest][0].delta
+            warm = None if nearest is None else cache[nearest][0]
+            held.clear()
             posterior = fit_at(math.exp(t), warm)
             generator = None
             if not exact:
@@ -257,7 +302,8 @@ def maximize_laplace_evidence(fit_at, *, start, bounds, exact, xtol, evidence_op
             evidence = laplace_evidence(
                 posterior, gradient=exact, generator=generator, **options
             )
-            cache[t] = (posterior, evidence)
+            cache[t] = (posterior.delta, evidence)
+            held[t] = posterior
         return cache[t]
 
     t0 = float(np.clip(math.log(start), low, high))
@@ -265,7 +311,11 @@ def maximize_laplace_evidence(fit_at, *, start, bounds, exact, xtol, evidence_op
         t, at_bound = _bracket_root(evaluate, t0, low, high, xtol)
     else:
         t, at_bound = _bracket_maximum(evaluate, t0, low, high, xtol)
-    posterior, evidence = evaluate(t)
+    delta, evidence = evaluate(t)
+    posterior = held.pop(t, None)
+    if posterior is None:  # the maximiser was not the last prior tried: refit there,
+        held.clear()  # from its MAP (Newton stops at once)
+        posterior = fit_at(math.exp(t), delta)
     return EvidenceSearch(math.exp(t), posterior, evidence, len(cache), at_bound)
 
 
