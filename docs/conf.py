@@ -31,8 +31,9 @@ sys.path.insert(0, str(HERE / "sphinxext"))
 # executes every example during the build, so keep them quick.
 os.environ.setdefault("SKLEARN_FNTK_EXAMPLE_SMALL", "1")
 
-import sklearn_fntk  # noqa: E402
 from inventories import write_inventories  # noqa: E402
+
+import sklearn_fntk  # noqa: E402
 
 # -- project --------------------------------------------------------------------------
 
@@ -62,7 +63,6 @@ exclude_patterns = [
     "auto_examples/*.ipynb",
     "auto_examples/*.py",
     "generated/backreferences/*",
-    "sg_execution_times.rst",
 ]
 root_doc = "index"
 # ``code`` in the reST sources means inline Python.
@@ -133,6 +133,8 @@ sphinx_gallery_conf = {
     # The quick start first (sphinxext/gallery_order.py).
     "within_subsection_order": "gallery_order.ExampleOrder",
     "download_all_examples": False,
+    # The computation-times page loads its table script from a CDN: not written.
+    "write_computation_times": False,
     # "Examples using this class" on every API page (_templates/autosummary).
     "backreferences_dir": "generated/backreferences",
     "doc_module": ("sklearn_fntk",),

@@ -403,7 +403,8 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         mean : ndarray of shape (n_samples, n_logits)
             The mean logits μ*, in ``classes_`` order (one logit: that of ``classes_[1]``).
         cov : ndarray of shape (n_samples, n_logits, n_logits)
-            Their covariance Σ*, one block per test point (no covariances between test points).
+            Their covariance Σ*, one block per test point (no covariances between
+            test points).
         """
         check_is_fitted(self)
         X = self._validate_predict_X(X)

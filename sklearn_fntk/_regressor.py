@@ -436,8 +436,9 @@ class FiniteNTKRegressor(
         y_std : ndarray of shape (n_samples,) or (n_samples, n_outputs), optional
             Predictive standard deviation, with ``return_std=True``.
         y_cov : ndarray, optional
-            Predictive covariance, with ``return_cov=True``. Shape (n_samples, n_samples), or (n_samples, n_samples, n_outputs) for
-            a multi-output fit.
+            Predictive covariance, with ``return_cov=True``. Shape
+            (n_samples, n_samples), or (n_samples, n_samples, n_outputs) for a
+            multi-output fit.
         """
         if return_std and return_cov:
             raise RuntimeError("At most one of return_std or return_cov can be requested.")

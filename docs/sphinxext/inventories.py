@@ -7,8 +7,8 @@ docs refer to, with the real addresses of those projects' pages, and
 here is reported by the nitpicky build: add it to ``OBJECTS`` with its page.
 
 The file format is Sphinx's inventory version 2 (a four-line header, then
-zlib-compressed lines ``name domain:role priority uri display-name``, where a
-trailing ``$`` in the uri stands for the name).
+zlib-compressed lines ``name domain:role priority uri display-name``). In
+``OBJECTS`` a ``$`` in a page stands for the object's name.
 """
 
 import zlib
@@ -171,7 +171,7 @@ def write_inventories(directory):
             "# The remainder of this file is compressed using zlib.\n"
         )
         lines = "".join(
-            f"{name} {role} 1 {page} -\n"
+            f"{name} {role} 1 {page.replace('$', name)} -\n"
             for (name, role), page in sorted(objects.items())
         )
         path = directory / f"{project}.inv"
