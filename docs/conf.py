@@ -63,6 +63,8 @@ exclude_patterns = [
     "auto_examples/*.ipynb",
     "auto_examples/*.py",
     "generated/backreferences/*",
+    # sphinx-gallery's overall computation-times page loads a CDN script.
+    "sg_execution_times.rst",
 ]
 root_doc = "index"
 # ``code`` in the reST sources means inline Python.
