@@ -119,11 +119,17 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         MAP of w - θ; the predictive logit mean is f_θ(x) + J(x)·``delta_`` (without
         the f_θ term for ``prior_mean="zero"``).
     n_features_in_ : int
+        Number of features seen during fit (the size of a sample's first axis for
+        n-D inputs).
+    feature_names_in_ : ndarray of shape (``n_features_in_``,)
+        Names of the features seen during fit; defined only when X has feature
+        names that are all strings (a pandas DataFrame).
     input_shape_ : tuple
         Per-sample shape of X seen in fit.
     n_logits_ : int
         Logits per sample: n_classes, or 1 for a binary network with one logit.
     n_params_ : int
+        Number of linearized parameters p (those named by ``parameters``).
     space_, solver_ : str
         The resolved solve space and solver.
     preconditioner_ : str or None
@@ -137,6 +143,14 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         Priors tried by ``prior="auto"`` (1 for a fixed prior).
     forward_mode_ : bool
         False when the network lacks forward-mode rules and J·v uses a double VJP.
+
+    See Also
+    --------
+    FiniteNTKRegressor : The same linearization for regression.
+    sklearn.gaussian_process.GaussianProcessClassifier : Laplace GP classification
+        with a chosen kernel.
+    sklearn.linear_model.LogisticRegression : What the classifier is for a network's
+        last layer alone (``parameters`` naming it).
 
     Notes
     -----
@@ -224,6 +238,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         Returns
         -------
         self : FiniteNTKClassifier
+            The fitted estimator.
         """
         X, y, sample_weight, state = self._validate_fit_data(X, y, sample_weight)
         check_classification_targets(y)
@@ -381,13 +396,15 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         Parameters
         ----------
         X : array-like of shape (n_samples, ...)
+            Test inputs, in the per-sample shape seen in fit.
 
         Returns
         -------
         mean : ndarray of shape (n_samples, n_logits)
-            μ*, in ``classes_`` order (one logit: that of ``classes_[1]``).
+            The mean logits μ*, in ``classes_`` order (one logit: that of ``classes_[1]``).
         cov : ndarray of shape (n_samples, n_logits, n_logits)
-            Σ*, one block per test point (no covariances between test points).
+            Their covariance Σ*, one block per test point (no covariances between
+            test points).
         """
         check_is_fitted(self)
         X = self._validate_predict_X(X)
@@ -403,6 +420,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         Parameters
         ----------
         X : array-like of shape (n_samples, ...)
+            Test inputs, in the per-sample shape seen in fit.
 
         Returns
         -------
@@ -419,6 +437,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         Parameters
         ----------
         X : array-like of shape (n_samples, ...)
+            Test inputs, in the per-sample shape seen in fit.
 
         Returns
         -------
@@ -433,10 +452,12 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         Parameters
         ----------
         X : array-like of shape (n_samples, ...)
+            Test inputs, in the per-sample shape seen in fit.
 
         Returns
         -------
         log_proba : ndarray of shape (n_samples, n_classes)
+            Columns in ``classes_`` order.
         """
         return self._numpy(torch.log_softmax(self._scores(X), dim=-1))
 
@@ -446,10 +467,12 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         Parameters
         ----------
         X : array-like of shape (n_samples, ...)
+            Test inputs, in the per-sample shape seen in fit.
 
         Returns
         -------
         y_pred : ndarray of shape (n_samples,)
+            Values of ``classes_``.
         """
         scores = self._numpy(self._scores(X))
         return self.classes_[scores.argmax(axis=1)]

@@ -42,8 +42,11 @@ class JointPredictiveMixin:
         Parameters
         ----------
         X : array-like of shape (n_samples_X, ...)
+            Test inputs, in the per-sample shape seen in fit.
         n_samples : int, default=1
+            Number of draws per test point.
         random_state : int, RandomState instance or None, default=0
+            Seeds the standard normal draws z.
 
         Returns
         -------

@@ -119,7 +119,9 @@ class LaplaceFitMixin:
         Returns
         -------
         log_likelihood : float
+            The Laplace approximation of the log evidence.
         std_error : float, optional
+            With ``return_std_error``: its standard error.
         """
         check_is_fitted(self)
         evidence = self._evidence

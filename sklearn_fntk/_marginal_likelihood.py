@@ -82,7 +82,7 @@ class MarginalLikelihoodMixin:
         Parameters
         ----------
         noise, prior : float or None, default=None
-            σ² and s; None means ``noise_`` and ``prior_``.
+            The noise σ² and the prior s; None means ``noise_`` and ``prior_``.
         eval_gradient : bool, default=False
             Also return the gradient with respect to (log σ², log s).
         method : {"exact", "stochastic"}, default="exact"
@@ -104,9 +104,11 @@ class MarginalLikelihoodMixin:
         Returns
         -------
         log_likelihood : float
+            The log evidence log p(y | X).
         gradient : ndarray of shape (2,), optional
             With ``eval_gradient``: [∂/∂log σ², ∂/∂log s].
         std_error : float, optional
+            With ``return_std_error``: its standard error.
         """
         check_is_fitted(self)
         if method not in ("exact", "stochastic"):

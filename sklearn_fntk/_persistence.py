@@ -19,7 +19,19 @@ class DeviceFallbackWarning(UserWarning):
     """An estimator was unpickled on a machine without the device it was fitted on.
 
     Its fitted state (or its ``network``) was loaded on the CPU instead, where it
-    predicts; see the user guide, "Saving and loading".
+    predicts; see the user guide, "Saving and loading". Its ``device`` parameter is
+    left as given, so a new ``fit`` uses that device again.
+
+    See Also
+    --------
+    FiniteNTKRegressor : Its ``device`` parameter.
+    FiniteNTKClassifier : Its ``device`` parameter.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from sklearn_fntk import DeviceFallbackWarning
+    >>> warnings.filterwarnings("ignore", category=DeviceFallbackWarning)
     """
 
 

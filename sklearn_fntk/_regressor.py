@@ -131,10 +131,17 @@ class FiniteNTKRegressor(
         Posterior mean of w - θ; the predictive mean is f_θ(x) + J(x)·``delta_``
         (without the f_θ term for ``prior_mean="zero"``).
     n_features_in_ : int
+        Number of features seen during fit (the size of a sample's first axis for
+        n-D inputs).
+    feature_names_in_ : ndarray of shape (``n_features_in_``,)
+        Names of the features seen during fit; defined only when X has feature
+        names that are all strings (a pandas DataFrame).
     input_shape_ : tuple
         Per-sample shape of X seen in fit.
     n_outputs_ : int
+        Number of outputs k of the network (1 for a 1-D y).
     n_params_ : int
+        Number of linearized parameters p (those named by ``parameters``).
     space_, solver_ : str
         The resolved solve space and solver.
     n_iter_ : int
@@ -161,6 +168,14 @@ class FiniteNTKRegressor(
         For the low-rank variance, see ``variance``.
     forward_mode_ : bool
         False when the network lacks forward-mode rules and J·v uses a double VJP.
+
+    See Also
+    --------
+    FiniteNTKClassifier : The same linearization for classification.
+    sklearn.gaussian_process.GaussianProcessRegressor : GP regression with a
+        chosen kernel.
+    sklearn_fntk.metrics.log_predictive_density_scorer : A scorer for choosing
+        ``noise`` and ``prior`` by cross-validation.
 
     Notes
     -----
@@ -252,6 +267,7 @@ class FiniteNTKRegressor(
         X : array-like of shape (n_samples, ...)
             Inputs in the shape the network takes (2-D features or n-D images).
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Targets, one column per output of the network.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative per-sample weights w_i scaling the noise precision: sample
             i has noise variance ``noise / w_i`` (on all its outputs). For the
@@ -264,6 +280,7 @@ class FiniteNTKRegressor(
         Returns
         -------
         self : FiniteNTKRegressor
+            The fitted estimator.
         """
         X, y, sample_weight, state = self._validate_fit_data(
             X, y, sample_weight, multi_output=True, y_numeric=True
@@ -402,7 +419,9 @@ class FiniteNTKRegressor(
         Parameters
         ----------
         X : array-like of shape (n_samples, ...)
+            Test inputs, in the per-sample shape seen in fit.
         return_std : bool, default=False
+            Also return the predictive standard deviation.
         return_cov : bool, default=False
             The covariance between test points, per output (cross-output terms are
             not returned). Needs the test Jacobian of all points at once; raises
@@ -413,10 +432,13 @@ class FiniteNTKRegressor(
         Returns
         -------
         y_mean : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            Predictive mean.
         y_std : ndarray of shape (n_samples,) or (n_samples, n_outputs), optional
+            Predictive standard deviation, with ``return_std=True``.
         y_cov : ndarray, optional
-            Shape (n_samples, n_samples), or (n_samples, n_samples, n_outputs) for
-            a multi-output fit.
+            Predictive covariance, with ``return_cov=True``. Shape
+            (n_samples, n_samples), or (n_samples, n_samples, n_outputs) for a
+            multi-output fit.
         """
         if return_std and return_cov:
             raise RuntimeError("At most one of return_std or return_cov can be requested.")
@@ -445,12 +467,14 @@ class FiniteNTKRegressor(
         Parameters
         ----------
         X : array-like of shape (n_samples, ...)
+            Test inputs, in the per-sample shape seen in fit.
         include_noise : bool, default=False
             Add the noise variance: the std of a new observation y, not of f.
 
         Returns
         -------
         std : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            Predictive standard deviation.
         """
         check_is_fitted(self)
         variance = self._latent_variance(self._validate_predict_X(X))

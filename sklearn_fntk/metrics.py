@@ -18,6 +18,7 @@ def mean_log_predictive_density(y_true, y_mean, y_std):
     Parameters
     ----------
     y_true : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        Observed targets.
     y_mean : array-like of the shape of ``y_true``
         Predictive means.
     y_std : array-like of the shape of ``y_true``
@@ -26,6 +27,18 @@ def mean_log_predictive_density(y_true, y_mean, y_std):
     Returns
     -------
     float
+        The mean log density, in nats; higher is better.
+
+    See Also
+    --------
+    log_predictive_density_scorer : This score as a scikit-learn scorer.
+    sklearn.metrics.r2_score : A score of the mean alone.
+
+    Examples
+    --------
+    >>> from sklearn_fntk.metrics import mean_log_predictive_density
+    >>> round(mean_log_predictive_density([0.0, 1.0], [0.0, 0.0], [1.0, 1.0]), 4)
+    -1.1689
     """
     y_true, y_mean, y_std = (
         np.asarray(a, dtype=np.float64) for a in (y_true, y_mean, y_std)
@@ -53,13 +66,23 @@ def log_predictive_density_scorer(estimator, X, y):
     Parameters
     ----------
     estimator : fitted estimator
+        A fitted :class:`~sklearn_fntk.FiniteNTKRegressor`, or a pipeline ending in
+        one.
     X : array-like of shape (n_samples, ...)
+        Held-out inputs.
     y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        Their targets.
 
     Returns
     -------
     float
-        Higher is better, as scikit-learn's scorers.
+        The mean log predictive density of ``y``, noise included; higher is better,
+        as for scikit-learn's scorers.
+
+    See Also
+    --------
+    mean_log_predictive_density : The score itself, from means and stds.
+    sklearn.model_selection.GridSearchCV : Takes it as ``scoring``.
 
     Examples
     --------
