@@ -19,6 +19,7 @@ from sklearn.utils.validation import _check_sample_weight, validate_data
 
 from ._diagnostics import check_finite, nonfinite_error, nonfinite_rows, warn_solve
 from ._inference.policy import Policy, resolve_choices
+from ._linalg.reduction import LOCAL
 from ._linearize.jacobian import JacobianProducts, outputs_and_jvp
 from ._linearize.layerwise import LayerwiseKernel, supports_structured
 from ._linearize.network import FunctionalNetwork, NetworkOutputError, default_mlp
@@ -89,6 +90,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
         "device": [str, torch.device],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "distributed": ["boolean"],
     }
     # Parameters of the fitted model that predictions read, copied at fit:
     # set_params after a fit changes nothing until the next fit. Options of how a
@@ -288,11 +290,12 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
                 f"{n_expected} output(s) per sample."
             )
 
-    def _training_jacobian(self, network, X, cache, row_scale=None):
+    def _training_jacobian(self, network, X, cache, row_scale=None, reduction=LOCAL):
         """JacobianProducts over the training inputs X (a tensor) at θ, with the
         network's outputs and Jacobian checked to be finite.
 
-        ``row_scale`` (a tensor (n,) or None) scales each sample's rows of J.
+        ``row_scale`` (a tensor (n,) or None) scales each sample's rows of J;
+        ``reduction`` sums its products over the shards of a data-parallel fit.
         """
         jacobian = JacobianProducts(
             network,
@@ -301,6 +304,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
             batch_size=self.batch_size,
             cache_bytes=LINEARIZATION_CACHE_BYTES if cache else 0,
             row_scale=row_scale,
+            reduction=reduction,
         )
         check_finite(
             jacobian.outputs,
@@ -361,7 +365,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
 
     def _resolve(self, n_rows, n_params, layerwise, variance="exact"):
         """Every "auto" of this fit (see ``resolve_choices``), with the network's
-        sizes: n·k rows and p parameters."""
+        sizes: n·k rows (over all shards) and p parameters."""
         return resolve_choices(
             space=self.space,
             solver=self.solver,
@@ -371,6 +375,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
             n_params=n_params,
             layerwise=layerwise,
             policy=self._policy,
+            distributed=self.distributed,
         )
 
     def _cg_progress(self):

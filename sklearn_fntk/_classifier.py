@@ -23,6 +23,13 @@ from ._base import FiniteNTKBase, _to_tensor
 from ._diagnostics import actions, warn
 from ._inference.links import link_scores
 from ._laplace_fit import LaplaceFitMixin
+from ._sharding import (
+    check_same,
+    check_same_parameters,
+    class_union,
+    detach,
+    fit_reduction,
+)
 
 __all__ = ["FiniteNTKClassifier"]
 
@@ -106,6 +113,16 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         Seeds the default network's initialisation and the draws of ``link="mc"``.
     verbose : int, default=0
         Print Newton and CG progress when positive.
+    distributed : bool, default=False
+        Fit data-parallel: every process of the initialised default
+        torch.distributed process group calls ``fit`` on its own shard of the data,
+        with the same network, parameters and an int ``random_state``; ``classes_``
+        is the union of the shards' labels, each Jacobian product is all-reduced,
+        and every process ends with the same fitted state (the Laplace evidence
+        included, computed during the fit). The fit solves in parameter space;
+        predictions are local (after a CG fit, ``link="map"`` only: the
+        covariances need the other shards). See the user guide, "Data-parallel
+        fits".
 
     Attributes
     ----------
@@ -199,6 +216,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         device="cpu",
         random_state=None,
         verbose=0,
+        distributed=False,
     ):
         self.network = network
         self.prior = prior
@@ -217,6 +235,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.distributed = distributed
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
@@ -240,9 +259,18 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         self : FiniteNTKClassifier
             The fitted estimator.
         """
+        reduction = fit_reduction(self)
+        with reduction.guard():
+            return self._fit_shard(X, y, sample_weight, reduction)
+
+    def _fit_shard(self, X, y, sample_weight, reduction):
+        """:meth:`fit` on the data, or on this process's shard of them."""
         X, y, sample_weight, state = self._validate_fit_data(X, y, sample_weight)
         check_classification_targets(y)
-        classes, labels = np.unique(y, return_inverse=True)
+        if reduction.distributed:
+            check_same(reduction, X.shape[1:], "the shape of X's samples")
+        classes = class_union(reduction, np.unique(y))
+        labels = np.searchsorted(classes, y)
         n_classes = len(classes)
         if n_classes < 2:
             raise ValueError(
@@ -255,9 +283,13 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
 
         network = self._make_network(X, 1 if n_classes == 2 else n_classes, check_count)
         theta = network.theta
-        jacobian = self._training_jacobian(network, _to_tensor(X, theta), cache=True)
+        check_same_parameters(reduction, theta)
+        jacobian = self._training_jacobian(
+            network, _to_tensor(X, theta), cache=True, reduction=reduction
+        )
         n_logits = jacobian.n_outputs
-        choices = self._resolve(X.shape[0] * n_logits, network.n_params, False)
+        n_rows = int(reduction.sum_float(X.shape[0])) * n_logits
+        choices = self._resolve(n_rows, network.n_params, False, variance=None)
         offsets = jacobian.outputs
         if self.prior_mean == "zero":
             offsets = torch.zeros_like(offsets)
@@ -284,6 +316,9 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
                 + actions("use dtype='float64'" * (self.dtype != "float64"), "lower prior")
             )
         self._warn_newton(posterior)
+        if reduction.distributed and evidence is None:  # while the shards are here
+            evidence = self._laplace_evidence(posterior)
+        detach(reduction, jacobian)
         self._commit(
             {
                 **state,

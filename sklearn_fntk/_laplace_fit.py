@@ -126,12 +126,16 @@ class LaplaceFitMixin:
         check_is_fitted(self)
         evidence = self._evidence
         if evidence is None:  # computed here, not stored: predictions stay read-only
-            options = self._evidence_options()
-            generator = torch.Generator(device=self.delta_.device)
-            generator.manual_seed(options.pop("generator_seed"))
-            evidence = laplace_evidence(self._posterior, generator=generator, **options)
+            evidence = self._laplace_evidence(self._posterior)
         value = evidence.log_marginal_likelihood
         return (value, evidence.std_error / 2) if return_std_error else value
+
+    def _laplace_evidence(self, posterior):
+        """The LaplaceEvidence of a fitted posterior at its prior."""
+        options = self._evidence_options()
+        generator = torch.Generator(device=posterior.delta.device)
+        generator.manual_seed(options.pop("generator_seed"))
+        return laplace_evidence(posterior, generator=generator, **options)
 
     def _newton_progress(self):
         """A Newton callback printing progress when ``verbose > 0``."""

@@ -37,12 +37,13 @@ class MarginalLikelihoodMixin:
         gram, evidence = spectral_evidence(
             jacobian, residuals, choices.space, structured, lanczos
         )
-        r = residuals.reshape(-1)
+        r, reduction = residuals.reshape(-1), jacobian.reduction  # over the shards
         best = fit_hyperparameters(
             evidence,
             noise=self.noise,
             prior=self.prior,
-            mean_squared_residual=float(r @ r) / r.numel(),
+            mean_squared_residual=reduction.sum_float(r @ r)
+            / reduction.sum_float(r.numel()),
             hyperprior="default",
         )
         # a vanishing noise (an interpolating GP) or an unbounded prior; the

@@ -22,6 +22,7 @@ from ._inference.gaussian import GaussianPosterior
 from ._joint_predictive import JointPredictiveMixin
 from ._linearize.jacobian import scale_rows
 from ._marginal_likelihood import MarginalLikelihoodMixin
+from ._sharding import check_same, check_same_parameters, detach, fit_reduction
 
 __all__ = ["FiniteNTKRegressor"]
 
@@ -122,6 +123,15 @@ class FiniteNTKRegressor(
         Lanczos probes and the random restarts of the evidence maximisation.
     verbose : int, default=0
         Print CG progress when positive.
+    distributed : bool, default=False
+        Fit data-parallel: every process of the initialised default
+        torch.distributed process group (gloo on CPUs, NCCL on GPUs; launched by
+        torchrun, for example) calls ``fit`` on its own shard of the data, with the
+        same network, parameters and an int ``random_state``; each Jacobian product
+        is all-reduced over the processes, and every process ends with the same
+        fitted state. The fit solves in parameter space; predictions are local, and
+        the estimator pickles and loads in any process. See the user guide,
+        "Data-parallel fits", for what needs the other shards after the fit.
 
     Attributes
     ----------
@@ -232,6 +242,7 @@ class FiniteNTKRegressor(
         device="cpu",
         random_state=None,
         verbose=0,
+        distributed=False,
     ):
         self.network = network
         self.noise = noise
@@ -251,6 +262,7 @@ class FiniteNTKRegressor(
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.distributed = distributed
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -282,6 +294,12 @@ class FiniteNTKRegressor(
         self : FiniteNTKRegressor
             The fitted estimator.
         """
+        reduction = fit_reduction(self)
+        with reduction.guard():
+            return self._fit_shard(X, y, sample_weight, reduction)
+
+    def _fit_shard(self, X, y, sample_weight, reduction):
+        """:meth:`fit` on the data, or on this process's shard of them."""
         X, y, sample_weight, state = self._validate_fit_data(
             X, y, sample_weight, multi_output=True, y_numeric=True
         )
@@ -292,10 +310,14 @@ class FiniteNTKRegressor(
             )
         Y = y.reshape(y.shape[0], -1)
         n_outputs = Y.shape[1]
+        if reduction.distributed:
+            shape = (X.shape[1:], y.ndim, n_outputs)
+            check_same(reduction, shape, "the shape of X's samples, y's ndim and outputs")
         network = self._make_network(X, n_outputs)
         theta = network.theta
+        check_same_parameters(reduction, theta)
         choices = self._resolve(
-            X.shape[0] * n_outputs,
+            int(reduction.sum_float(X.shape[0])) * n_outputs,
             network.n_params,
             self._layerwise(network),
             variance=self.variance,
@@ -307,7 +329,7 @@ class FiniteNTKRegressor(
         row_scale, log_weight = None, 0.0
         if sample_weight is not None:
             row_scale = torch.sqrt(_to_tensor(sample_weight, theta))
-            log_weight = 0.5 * n_outputs * float(np.log(sample_weight).sum())
+            log_weight = 0.5 * n_outputs * reduction.sum_float(np.log(sample_weight).sum())
         structured = self._structured_kernel(network, X, choices, row_scale)
         # Iterative solves reuse each chunk's forward pass, except where the kernel
         # is layerwise or the finite-difference Fisher product runs its own passes.
@@ -326,6 +348,7 @@ class FiniteNTKRegressor(
             X,
             cache=choices.solver == "cg" and structured is None and not finite_difference,
             row_scale=row_scale,
+            reduction=reduction,
         )
         # r = y - m(X), with m(X) = f_θ(X) or 0, scaled like J's rows
         targets = self._targets(Y, theta)
@@ -360,9 +383,10 @@ class FiniteNTKRegressor(
         finally:
             if progress is not None:
                 progress.close()
-        scale = float(torch.linalg.vector_norm(scaled_targets))
+        scale = reduction.sum_float(scaled_targets.square().sum()) ** 0.5
         check_regression_solve(self, posterior, scale)
         check_low_rank_variance(choices.variance, posterior)
+        detach(reduction, jacobian)
         self._commit(
             {
                 **state,

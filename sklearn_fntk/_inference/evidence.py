@@ -59,7 +59,9 @@ _BLOCK_ENTRIES = 1 << 22
 
 
 def _float64(array):
-    return torch.as_tensor(array).detach().to(torch.float64)
+    """``array`` as a float64 CPU tensor: the evidence is evaluated on the CPU, for
+    numpy's optimisers, from spectra of at most p or n·k values."""
+    return torch.as_tensor(array).detach().to(device="cpu", dtype=torch.float64)
 
 
 def _rounding_level(eigenvalues, dim):
@@ -416,13 +418,16 @@ def spectral_evidence(jacobian, residuals, space, structured=None, lanczos=None)
     else:
         operator = ParameterOperator(jacobian, shift=0.0)
     start = r if space == "function" else jacobian.vjp(residuals)
+    # over the shards of a data-parallel fit (parameter space only)
+    size = int(jacobian.reduction.sum_float(r.numel()))
+    residual_sq_norm = jacobian.reduction.sum_float(r @ r)
     if lanczos is not None:
         evidence = SpectralEvidence.from_lanczos(
             operator.psd_matmat,
             start,
             space=space,
-            size=r.numel(),
-            residual_sq_norm=float(r @ r),
+            size=size,
+            residual_sq_norm=residual_sq_norm,
             options=lanczos,
         )
         return None, evidence
@@ -430,7 +435,7 @@ def spectral_evidence(jacobian, residuals, space, structured=None, lanczos=None)
     gram = operator.gram_dense()
     if space == "function":
         return gram, SpectralEvidence.from_kernel(gram, r)
-    return gram, SpectralEvidence.from_fisher(gram, start, float(r @ r), r.numel())
+    return gram, SpectralEvidence.from_fisher(gram, start, residual_sq_norm, size)
 
 
 def _check_spectral(operator):

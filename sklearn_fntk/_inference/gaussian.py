@@ -78,6 +78,10 @@ class GaussianPosterior:
     rank : int
         Rank of the preconditioner or low-rank variance built (0 if none).
     low_rank : LowRankVariance or None
+    residual_sq_norm : float
+        ‖r‖², over all shards of a data-parallel fit (as are the products).
+    n_rows : int
+        n·k, over all shards.
     """
 
     def __init__(
@@ -188,6 +192,10 @@ class GaussianPosterior:
             rhs = self.jacobian.vjp(self.residuals.reshape(self._shape))
             report = system.solve(rhs, callback=callback)
             delta = report.solution
+        # ‖r‖² and n·k over the shards, for the evidence
+        reduction, r = self.jacobian.reduction, self.residuals
+        self.residual_sq_norm = reduction.sum_float(r @ r)
+        self.n_rows = int(reduction.sum_float(r.numel()))
         self.condition_number = None
         if choices.solver == "cg":
             self.condition_number = system.condition_number(generator)
@@ -203,7 +211,10 @@ class GaussianPosterior:
                 dense.build(gram=gram, what=what, advice=_ADVICE)
             except (MemoryError, ValueError):
                 # too large for memory now, or not positive definite in this dtype
-                # (float32 at a tiny noise): CG solves per test batch instead
+                # (float32 at a tiny noise): CG solves per test batch instead,
+                # which a data-parallel fit's predictions cannot make
+                if self.jacobian.reduction.distributed:
+                    raise
                 dense = system
             variance_system = dense
         ranks = [0 if low_rank is None else low_rank.rank]
@@ -313,14 +324,14 @@ class GaussianPosterior:
         After a CG fit the factor of the same space is assembled here, once.
         """
         factor = self.evidence_factor()
-        r, d = self.residuals, self.residuals.numel()
+        r, d = self.residuals, self.n_rows
         solution = self.report.solution
         log_det_factor = 2.0 * factor.diagonal().log().sum()
         if self.space == "function":
             quadratic = r @ solution
             log_det = log_det_factor
         else:
-            quadratic = (r @ r - self._rhs @ solution) / self.noise
+            quadratic = (self.residual_sq_norm - self._rhs @ solution) / self.noise
             p = self.operator.size
             log_det = (
                 d * math.log(self.noise)

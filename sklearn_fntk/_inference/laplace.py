@@ -257,8 +257,9 @@ class LaplacePosterior:
         """L(δ) of eq. (1) and the network-logit probabilities π, shape (n, k)."""
         log_probs = torch.log_softmax(class_logits(logits, self.n_classes), dim=-1)
         nll = -(self.weights * log_probs.gather(1, self.labels[:, None])[:, 0]).sum()
+        nll = self.jacobian.reduction.sum_float(nll)  # over the shards
         probs = log_probs.exp()[:, self.n_classes - self.n_logits :]
-        return float(nll + delta @ delta / (2 * self.prior)), probs
+        return nll + float(delta @ delta) / (2 * self.prior), probs
 
     def _misfit(self, probs):
         """v ⊙ (π - Y), shape (n, k): the likelihood's gradient in the logits."""
@@ -348,8 +349,9 @@ class LaplacePosterior:
             trial = delta + step_size * step
             trial_objective, probs = self._objective(logits + step_size * direction, trial)
             # φ'(t) = (v ⊙ (π(t) - Y))·J d + (δ + t·d)·d / s
-            derivative = float(
-                (self._misfit(probs) * direction).sum() + trial @ step / self.prior
+            fit_slope = (self._misfit(probs) * direction).sum()
+            derivative = self.jacobian.reduction.sum_float(fit_slope) + float(
+                trial @ step / self.prior
             )
             armijo = trial_objective <= objective + _ARMIJO * step_size * slope
             if armijo or derivative <= 0:

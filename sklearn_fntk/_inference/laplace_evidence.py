@@ -186,7 +186,8 @@ def _gradient(posterior):
     c = posterior.weights[:, None] * torch.einsum("iab,ib->ia", curvature, inner)  # (4)
     velocity, _ = posterior.inverse(delta[:, None] / s)  # dδ̂/dt = H⁻¹δ̂/s
     u = posterior.jacobian.jvp(velocity[:, 0])
-    return float(delta @ delta) / (2 * s) - 0.5 * trace_term - 0.5 * float((u * c).sum())
+    velocity_term = posterior.jacobian.reduction.sum_float((u * c).sum())  # over shards
+    return float(delta @ delta) / (2 * s) - 0.5 * trace_term - 0.5 * velocity_term
 
 
 def laplace_evidence(

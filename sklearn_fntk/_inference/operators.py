@@ -161,24 +161,27 @@ class ParameterOperator(_Operator):
         return self.jacobian.vjp(blockwise(self.curvature, self.jacobian.jvp(V)))
 
     def psd_diagonal(self):
-        """diag(Jᵀ Λ J) = Σ_i diag(J_iᵀ Λ_i J_i), shape (p,)."""
+        """diag(Jᵀ Λ J) = Σ_i diag(J_iᵀ Λ_i J_i), shape (p,), summed over the shards."""
         blocks = self.jacobian.jacobian_blocks()
         if self.curvature is None:
-            return sum((J**2).sum((0, 1)) for _, J in blocks)
-        return sum(
-            torch.einsum("iap,iab,ibp->p", J, self.curvature[c], J) for c, J in blocks
-        )
+            diagonal = sum((J**2).sum((0, 1)) for _, J in blocks)
+        else:
+            diagonal = sum(
+                torch.einsum("iap,iab,ibp->p", J, self.curvature[c], J) for c, J in blocks
+            )
+        return self.jacobian.reduction.sum(diagonal)
 
     def gram_dense(self):
         """Jᵀ Λ J = Σ_chunks J_cᵀ Λ_c J_c from explicit Jacobian blocks, summed in
-        place (two p x p matrices at a time: the sum and the next product)."""
+        place (two p x p matrices at a time: the sum and the next product), then
+        over the shards of a data-parallel fit."""
         total = None
         for c, J in self.jacobian.jacobian_blocks():
             curved = J if self.curvature is None else self._curved(c, J)
             product = J.flatten(0, 1).T @ curved.flatten(0, 1)
             total = product if total is None else total.add_(product)
             del product  # not held while the next one is computed
-        return total
+        return self.jacobian.reduction.sum(total)
 
     def _curved(self, rows, J):
         """Λ_i J_i for the rows ``rows``: shape (b, k, p)."""

@@ -102,7 +102,8 @@ class Choices:
     solver : {"dense", "cg"}
     preconditioner : {"jacobi", "nystrom", "pivoted_cholesky"} or None
         None for the dense solver, or when none was asked for.
-    variance : {"exact", "low_rank"}
+    variance : {"exact", "low_rank"} or None
+        None where the estimator has no such choice (the classifier).
     """
 
     space: str
@@ -121,6 +122,7 @@ def resolve_choices(
     n_params,
     layerwise,
     policy,
+    distributed=False,
 ):
     """Resolve every "auto" of a fit, in one place.
 
@@ -134,19 +136,31 @@ def resolve_choices(
         "auto": the low-rank variance's eigenpairs where there are some (Nyström, no
         further products), else pivoted Cholesky where kernel columns are cheap (the
         layerwise kernel in function space), else Nyström.
-    variance : {"auto", "exact", "low_rank"}
-        "auto": exact with the dense solver, or with CG up to
-        ``policy.variance_factor_max_size`` (from a dense factor); low-rank above.
+    variance : {"auto", "exact", "low_rank"} or None
+        None: no variance choice (the classifier). "auto": exact with the dense
+        solver, or with CG up to ``policy.variance_factor_max_size`` (from a dense
+        factor); low-rank above.
     n_rows, n_params : int
         n·k and p.
     layerwise : bool
         Whether the layerwise kernel applies to the network (in function space).
     policy : Policy
+    distributed : bool, default=False
+        A data-parallel fit (``n_rows`` over all shards): see
+        :func:`_check_distributed`.
 
     Returns
     -------
     Choices
     """
+    if distributed and space == "function":
+        raise ValueError(
+            "A data-parallel fit (distributed=True) solves in parameter space: the "
+            "function-space kernel is n x n over all shards. Use space='parameter' "
+            "or 'auto'."
+        )
+    if distributed:
+        space = "parameter"
     if space == "auto":
         space = "function" if n_rows <= n_params else "parameter"
     if preconditioner == "pivoted_cholesky" and space != "function":
@@ -167,4 +181,36 @@ def resolve_choices(
         cheap_columns = space == "function" and layerwise
         use_pivoted = cheap_columns and variance != "low_rank"
         preconditioner = "pivoted_cholesky" if use_pivoted else "nystrom"
-    return Choices(space, solver, preconditioner, variance)
+    choices = Choices(space, solver, preconditioner, variance)
+    if distributed:
+        _check_distributed(choices, n_params, policy)
+    return choices
+
+
+def _check_distributed(choices, n_params, policy):
+    """ValueError unless a data-parallel fit can make ``choices``.
+
+    It solves in parameter space: there every sum over the data is a p-vector, a
+    p x p matrix or a number, whereas function space holds n·k x n·k kernels whose
+    dense form, pivoted Cholesky columns and Nyström sketches do not split into
+    per-shard sums. Its predictive variances must come from what the fit leaves on
+    every process: a p x p Cholesky factor (dense solver, or with CG up to
+    ``variance_factor_max_size``) or the exact eigenpairs of JᵀJ (low-rank, up to
+    ``eigen_size``); a CG solve per test batch, or a sketch of J's range
+    (n-vectors orthonormalised across the shards), would need the other shards
+    at predict time.
+    """
+    if choices.variance == "low_rank":
+        limit, what = policy.eigen_size, "the exact eigenpairs of JᵀJ"
+    elif choices.solver == "cg" and choices.variance == "exact":
+        limit, what = policy.variance_factor_max_size, "a dense factor of JᵀJ + cI"
+    else:
+        return
+    if n_params > limit:
+        raise ValueError(
+            f"A data-parallel fit (distributed=True) with variance="
+            f"{choices.variance!r} and solver={choices.solver!r} keeps {what} for "
+            f"its predictive variances, up to {limit} parameters; this network has "
+            f"{n_params}. Linearize fewer parameters (parameters=[...]), or fit on "
+            "one process."
+        )

@@ -93,7 +93,8 @@ def nystrom_sketch(operator, *, ratio, rank, max_rank, generator, policy):
     if isinstance(op, ParameterOperator):
         final_rank = max_rank if rank is None else rank
         samples = policy.sketch_samples(op.n_samples, final_rank, op.n_outputs)
-        op = op.subsampled(samples, generator)
+        # each shard of a data-parallel fit subsamples its own rows
+        op = op.subsampled(samples, op.jacobian.reduction.local_generator(generator))
     if rank is not None:
         rank = min(rank, op.size)
         return NystromPreconditioner(op.psd_matmat, op.size, rank, op.shift, **options)

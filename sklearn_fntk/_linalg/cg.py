@@ -132,7 +132,7 @@ def conjugate_gradient(
     Z = precondition(R)
     P = Z.clone()
     rz = (R * Z).sum(0)
-    n_iter = torch.zeros(m, dtype=torch.long)
+    n_iter = torch.zeros(m, dtype=torch.long, device=B.device)
     iteration = 0
 
     def done(columns, R_columns=None):

@@ -67,8 +67,8 @@ def lanczos(matmat, Q, steps):
     basis = Q.new_zeros(b, steps, d)  # basis[c, j] is q_j of column c
     basis[:, 0] = Q.T
     alpha, beta = Q.new_zeros(steps, b), Q.new_zeros(steps, b)
-    lengths = torch.full((b,), steps, dtype=torch.long)
-    running = torch.ones(b, dtype=torch.bool)
+    lengths = torch.full((b,), steps, dtype=torch.long, device=Q.device)
+    running = torch.ones(b, dtype=torch.bool, device=Q.device)
     scale = Q.new_zeros(b)
     eps = torch.finfo(Q.dtype).eps
     for j in range(steps):

@@ -21,6 +21,10 @@ activations fit ``cache_bytes``, the forward pass of every chunk is done once: t
 closure and the double-VJP closure built on it are kept, and each later product only
 runs the backward graphs.
 
+In a data-parallel fit X is one process's shard of the rows, and ``reduction`` (see
+:mod:`sklearn_fntk._linalg.reduction`) sums the p-vector products Jᵀ U and Jᵀ J V
+over the shards; J V stays per shard, as are the outputs and the explicit blocks.
+
 Forward mode keeps its dual levels in global state: every forward-mode section (a
 ``jvp``, a ``vmap`` over ``jvp``) holds ``NETWORK_LOCK`` (see :mod:`.network`), so
 that products from several threads do not interleave.
@@ -30,6 +34,7 @@ import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
 from .._linalg.memory import check_fits
+from .._linalg.reduction import LOCAL
 from .network import NETWORK_LOCK
 
 __all__ = [
@@ -141,6 +146,8 @@ class JacobianProducts:
     row_scale : torch.Tensor of shape (n,) or None, default=None
         Per-sample factors of the rows of J (√w for sample weights w): every product,
         block and Fisher product is then with diag(row_scale) J. None: J itself.
+    reduction : Reduction, default=LOCAL
+        Sums Jᵀ U and Jᵀ J V over the shards of a data-parallel fit (X one shard).
 
     Attributes
     ----------
@@ -152,9 +159,12 @@ class JacobianProducts:
         The estimated memory of the cached linearization (0 when not cached).
     """
 
-    def __init__(self, network, w, X, *, batch_size, cache_bytes=0, row_scale=None):
+    def __init__(
+        self, network, w, X, *, batch_size, cache_bytes=0, row_scale=None, reduction=LOCAL
+    ):
         self.network, self.w, self.X = network, w, X
         self.batch_size, self.row_scale = batch_size, row_scale
+        self.reduction = reduction
         self.n_samples = X.shape[0]
         self.n_params = w.numel()
         self.chunks = [
@@ -237,15 +247,15 @@ class JacobianProducts:
         if U.ndim == 3 and self._explicit_is_cheaper(U.shape[2]):
             # the blocks' rows are scaled already
             blocks = self.jacobian_blocks()
-            return sum(torch.einsum("iap,iam->pm", J, U[c]) for c, J in blocks)
-        U = scale_rows(U, self.row_scale)
-        if self.cached:
-            parts = (
-                lin.vjp(U[c]) for lin, c in zip(self._linearized, self.chunks, strict=True)
-            )
+            parts = (torch.einsum("iap,iam->pm", J, U[c]) for c, J in blocks)
         else:
-            parts = (self._chunk_vjp(self.X[c], U[c]) for c in self.chunks)
-        return sum(parts)
+            U = scale_rows(U, self.row_scale)
+            if self.cached:
+                lins = zip(self._linearized, self.chunks, strict=True)
+                parts = (lin.vjp(U[c]) for lin, c in lins)
+            else:
+                parts = (self._chunk_vjp(self.X[c], U[c]) for c in self.chunks)
+        return self.reduction.sum(sum(parts))
 
     def _chunk_jvp(self, X, V):
         return outputs_and_jvp(self.network, self.w, X, V, self.forward_mode)[1]
@@ -263,9 +273,11 @@ class JacobianProducts:
         """
         if V.ndim == 2 and self._explicit_is_cheaper(V.shape[1]):
             blocks = self.jacobian_blocks()  # rows scaled already
-            return sum(
-                torch.einsum("iap,iam->pm", J, torch.einsum("iap,pm->iam", J, V))
-                for _, J in blocks
+            return self.reduction.sum(
+                sum(
+                    torch.einsum("iap,iam->pm", J, torch.einsum("iap,pm->iam", J, V))
+                    for _, J in blocks
+                )
             )
         if finite_difference:
             return self.fisher_product_fd(V)
@@ -308,7 +320,7 @@ class JacobianProducts:
                 change = self.network(w, self.X[rows]) - self.outputs[rows]
                 misfit = 0.5 * (scale_rows(change, self.row_scale, rows) ** 2).sum()
                 total += torch.autograd.grad(misfit, w)[0]
-        return total / step
+        return self.reduction.sum(total) / step
 
     def subsample(self, n_samples, generator=None):
         """Products over ``n_samples`` of the samples, drawn uniformly at random
@@ -338,7 +350,12 @@ class JacobianProducts:
         if self.row_scale is not None:
             scale = scale * self.row_scale[rows]
         return rows, JacobianProducts(
-            self.network, self.w, self.X[rows], batch_size=self.batch_size, row_scale=scale
+            self.network,
+            self.w,
+            self.X[rows],
+            batch_size=self.batch_size,
+            row_scale=scale,
+            reduction=self.reduction,
         )
 
     def jacobian(self, chunk):
