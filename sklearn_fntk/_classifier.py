@@ -105,7 +105,14 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
     random_state : int, RandomState instance or None, default=None
         Seeds the default network's initialisation and the draws of ``link="mc"``.
     verbose : int, default=0
-        Print Newton and CG progress when positive.
+        Progress through the ``logging`` module, logger ``"sklearn_fntk"``: every
+        stage of fit and predict (linearization, Newton's method at each prior
+        tried, the prior search) is logged at INFO with its wall time and details,
+        steps at DEBUG. 0 changes no logging configuration (records show where the
+        user lets INFO through, e.g. ``logging.basicConfig(level=logging.INFO)``);
+        1 shows the INFO lines (on stderr where no handler is configured) and,
+        with tqdm installed (the ``progress`` extra), a bar for Newton's method;
+        2 also the DEBUG lines. See the user guide, "Progress and logging".
 
     Attributes
     ----------
@@ -225,22 +232,18 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         -------
         self : FiniteNTKClassifier
         """
-        X, y, sample_weight, state = self._validate_fit_data(X, y, sample_weight)
-        check_classification_targets(y)
-        classes, labels = np.unique(y, return_inverse=True)
+        with self._stages("fit") as stages:
+            return self._fit(X, y, sample_weight, stages)
+
+    def _fit(self, X, y, sample_weight, stages):
+        """:meth:`fit`, its stages reported to ``stages``."""
+        with stages("validation and network copy"):
+            X, y, sample_weight, state = self._validate_fit_data(X, y, sample_weight)
+            classes, labels, network = self._labels_and_network(X, y)
         n_classes = len(classes)
-        if n_classes < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs samples of at least 2 classes in y; got "
-                f"1 class: {classes.tolist()}."
-            )
-
-        def check_count(n_network):
-            self._check_logit_count(n_network, n_classes)
-
-        network = self._make_network(X, 1 if n_classes == 2 else n_classes, check_count)
         theta = network.theta
-        jacobian = self._training_jacobian(network, _to_tensor(X, theta), cache=True)
+        with stages("linearization", samples=X.shape[0], parameters=network.n_params):
+            jacobian = self._training_jacobian(network, _to_tensor(X, theta), cache=True)
         n_logits = jacobian.n_outputs
         choices = self._resolve(X.shape[0] * n_logits, network.n_params, False)
         offsets = jacobian.outputs
@@ -254,12 +257,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
             n_classes=n_classes,
             choices=choices,
         )
-        progress = self._cg_progress()
-        try:
-            posterior, evidence, evaluations = self._fit_posterior(arguments, progress)
-        finally:
-            if progress is not None:
-                progress.close()
+        posterior, evidence, evaluations = self._fit_posterior(arguments, stages)
         if not bool(torch.isfinite(posterior.delta).all()):
             raise FloatingPointError(
                 f"{type(self).__name__}: Newton's method returned NaN or infinite "
@@ -289,6 +287,23 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
             }
         )
         return self
+
+    def _labels_and_network(self, X, y):
+        """``classes_``, the labels as class indices, and the private network."""
+        check_classification_targets(y)
+        classes, labels = np.unique(y, return_inverse=True)
+        n_classes = len(classes)
+        if n_classes < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes in y; got "
+                f"1 class: {classes.tolist()}."
+            )
+
+        def check_count(n_network):
+            self._check_logit_count(n_network, n_classes)
+
+        network = self._make_network(X, 1 if n_classes == 2 else n_classes, check_count)
+        return classes, labels, network
 
     def _warn_newton(self, posterior):
         """Warn where Newton's method or its CG solves stopped short."""
@@ -363,10 +378,14 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         if self.link == "mc":
             rng = check_random_state(self.random_state)
             draws = self._tensor(rng.standard_normal((self.n_samples, self.n_logits_)))
-        parts = [
-            link_scores(self.link, mean, cov, len(self.classes_), draws)
-            for mean, cov in self._latent(X, covariance=self.link != "map")
-        ]
+        parts = []
+        with (
+            self._stages("predict") as stages,
+            stages(f"logits and {self.link} link", total=self._n_chunks(X)) as stage,
+        ):
+            for mean, cov in self._latent(X, covariance=self.link != "map"):
+                parts.append(link_scores(self.link, mean, cov, len(self.classes_), draws))
+                stage.step()
         return torch.cat(parts)
 
     def predict_latent(self, X):

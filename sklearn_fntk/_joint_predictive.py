@@ -3,7 +3,7 @@
 matrices and ask the memory guard first.
 
 A mixin of FiniteNTKRegressor: it reads the fitted state (``_posterior``,
-``n_outputs_``, ``_y_ndim``) and the estimator's helpers.
+``n_outputs_``, ``_y_ndim``, ``_y_scale``) and the estimator's helpers (``_mean``).
 """
 
 from numbers import Integral
@@ -22,14 +22,16 @@ class JointPredictiveMixin:
     """Joint covariances and posterior draws for FiniteNTKRegressor."""
 
     def _latent_covariance(self, X, what, after=()):
-        """Joint predictive covariance over all test points and outputs, (m·k, m·k),
-        after checking that it fits with what the caller then holds (``after``)."""
+        """Joint predictive covariance of the latent outputs over all test points and
+        outputs in y's units, (m·k, m·k), after checking that it fits with what the
+        caller then holds (``after``)."""
         rows = X.shape[0] * self.n_outputs_
         advice = "pass fewer test points at a time"
         self._posterior.check_covariance(rows, what, advice, after)
         covariance, report = self._posterior.covariance(X, diagonal=False)
         self._warn_unconverged(report, "predictive covariance")
-        return covariance
+        scale = self._y_scale.repeat(X.shape[0])  # rows: point-major, output-minor
+        return covariance.mul_(scale[:, None]).mul_(scale[None, :])
 
     def sample_y(self, X, n_samples=1, random_state=0):
         """Draw latent functions from the posterior at X (joint over points and outputs).
@@ -59,7 +61,7 @@ class JointPredictiveMixin:
         check_is_fitted(self)
         X = self._validate_predict_X(X)
         rng = check_random_state(random_state)
-        mean = self._numpy(self._latent_mean(X)).reshape(-1)
+        mean = self._numpy(self._mean(X)).reshape(-1)
         rows = X.shape[0] * self.n_outputs_
         after = [("a float64 copy for the eigendecomposition", (rows, rows), torch.float64)]
         after += eigh_parts(rows, torch.float64)
