@@ -106,6 +106,12 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
         tags.non_deterministic = False
         return tags
 
+    def _validate_params(self):
+        """scikit-learn's parameter validation, after a hint for a network given
+        wrapped (a skorch net) rather than as its torch module."""
+        _check_not_wrapped(self.network)
+        super()._validate_params()
+
     # -- fitted state -------------------------------------------------------------------
 
     def _commit(self, state):
@@ -425,6 +431,30 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
     def n_params_(self):
         """Number of linearized parameters p."""
         return self._network.n_params
+
+
+def _is_skorch_net(obj):
+    """Whether ``obj`` is a skorch NeuralNet, known without importing skorch."""
+    return any(
+        cls.__name__ == "NeuralNet" and cls.__module__.split(".")[0] == "skorch"
+        for cls in type(obj).__mro__
+    )
+
+
+def _check_not_wrapped(network):
+    """TypeError, naming ``net.module_``, for a network given wrapped: a skorch net,
+    or another object that is no torch Module but holds one as ``module_``."""
+    if isinstance(network, torch.nn.Module) or network is None:
+        return
+    if _is_skorch_net(network) or isinstance(
+        getattr(network, "module_", None), torch.nn.Module
+    ):
+        kind = "skorch net" if _is_skorch_net(network) else "wrapper"
+        raise TypeError(
+            f"network is a {kind} ({type(network).__name__}), not a torch.nn.Module. "
+            "Pass its trained module: network=net.module_ (it exists once the net "
+            "is fitted or initialized)."
+        )
 
 
 def _check_batch_independence(network, sample):

@@ -23,15 +23,14 @@ class JointPredictiveMixin:
 
     def _latent_covariance(self, X, what, after=()):
         """Joint predictive covariance of the latent outputs over all test points and
-        outputs in y's units, (m·k, m·k), after checking that it fits with what the
-        caller then holds (``after``)."""
+        outputs in model units (standardized with ``normalize_y``), (m·k, m·k), after
+        checking that it fits with what the caller then holds (``after``)."""
         rows = X.shape[0] * self.n_outputs_
         advice = "pass fewer test points at a time"
         self._posterior.check_covariance(rows, what, advice, after)
         covariance, report = self._posterior.covariance(X, diagonal=False)
         self._warn_unconverged(report, "predictive covariance")
-        scale = self._y_scale.repeat(X.shape[0])  # rows: point-major, output-minor
-        return covariance.mul_(scale[:, None]).mul_(scale[None, :])
+        return covariance
 
     def sample_y(self, X, n_samples=1, random_state=0):
         """Draw latent functions from the posterior at X (joint over points and outputs).
@@ -61,7 +60,7 @@ class JointPredictiveMixin:
         check_is_fitted(self)
         X = self._validate_predict_X(X)
         rng = check_random_state(random_state)
-        mean = self._numpy(self._mean(X)).reshape(-1)
+        mean = self._numpy(self._mean(X))
         rows = X.shape[0] * self.n_outputs_
         after = [("a float64 copy for the eigendecomposition", (rows, rows), torch.float64)]
         after += eigh_parts(rows, torch.float64)
@@ -70,6 +69,8 @@ class JointPredictiveMixin:
         del covariance
         factor.mul_(eigenvalues.clamp_min(0.0).sqrt())  # U diag(√λ), in place
         normal = torch.from_numpy(rng.standard_normal((rows, n_samples)))
-        draws = mean[:, None] + (factor @ normal.to(factor.device)).cpu().numpy()
-        draws = draws.reshape(X.shape[0], self.n_outputs_, n_samples)
+        deviations = (factor @ normal.to(factor.device)).cpu().numpy()
+        deviations = deviations.reshape(X.shape[0], self.n_outputs_, n_samples)
+        scale = self._numpy(self._y_scale)[:, None]  # model units -> y's
+        draws = mean.reshape(X.shape[0], self.n_outputs_, 1) + scale * deviations
         return draws[:, 0, :] if self._y_ndim == 1 else draws

@@ -500,10 +500,10 @@ class FiniteNTKRegressor(
             with stages("covariance", test_rows=m * k):
                 cov = self._latent_covariance(X, "return_cov", after)
             if include_noise:
-                cov.diagonal().add_((self.noise_ * self._y_scale**2).repeat(m))
-            # per-output blocks cov[i, a, j, a] -> (m, m, k)
+                cov.diagonal().add_(self.noise_)
+            # per-output blocks cov[i, a, j, a] -> (m, m, k), in y's units
             per_output = torch.einsum("iaja->ija", cov.reshape(m, k, m, k))
-            per_output = self._numpy(per_output)
+            per_output = self._numpy(per_output * self._y_scale**2)
             return mean, per_output[:, :, 0] if self._y_ndim == 1 else per_output
         return mean
 
