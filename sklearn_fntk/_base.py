@@ -24,7 +24,8 @@ from ._linearize.jacobian import JacobianProducts, outputs_and_jvp
 from ._linearize.layerwise import LayerwiseKernel, supports_structured
 from ._linearize.network import FunctionalNetwork, NetworkOutputError, default_mlp
 from ._persistence import DevicePersistence, unavailable_device
-from ._progress import CGProgress
+from ._progress import stages_for
+from ._stages import NO_STAGES
 
 # Memory allowed for cached per-chunk linearizations of the training data.
 LINEARIZATION_CACHE_BYTES = 1 << 30
@@ -106,6 +107,12 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.non_deterministic = False
         return tags
+
+    def _validate_params(self):
+        """scikit-learn's parameter validation, after a hint for a network given
+        wrapped (a skorch net) rather than as its torch module."""
+        _check_not_wrapped(self.network)
+        super()._validate_params()
 
     # -- fitted state -------------------------------------------------------------------
 
@@ -342,13 +349,16 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
         Linear weights and biases (see ``supports_structured``)."""
         return supports_structured(network.module, network.names)
 
-    def _structured_kernel(self, network, X, choices, row_scale=None):
+    def _structured_kernel(self, network, X, choices, row_scale=None, stages=NO_STAGES):
         """The layerwise kernel of the training inputs X (a tensor) where it applies
         (in function space, see :meth:`_layerwise`); None elsewhere. ``row_scale`` as
-        in :meth:`_training_jacobian`."""
+        in :meth:`_training_jacobian`; its building is a stage of ``stages``."""
         if choices.space != "function" or not self._layerwise(network):
             return None
-        return LayerwiseKernel(network, X, batch_size=self.batch_size, row_scale=row_scale)
+        with stages("layerwise kernel"):
+            return LayerwiseKernel(
+                network, X, batch_size=self.batch_size, row_scale=row_scale
+            )
 
     def _warn_unconverged(self, report, stage, tol=None, dtype=None):
         """A ConvergenceWarning, naming what to change, when a CG solve (``report``,
@@ -378,33 +388,43 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
             distributed=self.distributed,
         )
 
-    def _cg_progress(self):
-        """A CG progress callback when ``verbose > 0``, else None."""
-        return CGProgress(type(self).__name__, self.tol) if self.verbose else None
+    def _stages(self, method):
+        """The stages of one call of ``method`` (a context manager yielding a
+        ``Stages``), logged as ``verbose`` says (see ``_progress``)."""
+        return stages_for(f"{type(self).__name__}.{method}", self.verbose)
 
-    def _latent_mean(self, X):
-        """Predictive mean m(x*) + J* δ, shape (m, k), checked to be finite."""
+    def _n_chunks(self, X):
+        """Chunks of ``batch_size`` samples in X."""
+        return -(-X.shape[0] // self.batch_size)
+
+    def _latent_mean(self, X, stages=NO_STAGES, loc=0.0, scale=1.0):
+        """Predictive mean m(x*) + scale·J* δ, shape (m, k), checked to be finite,
+        where m(x*) is f_θ(x*), or ``loc`` for ``prior_mean="zero"``; ``loc`` and
+        ``scale`` (numbers or tensors (k,)) map model units to y's. The chunks are
+        steps of the stage "mean" of ``stages``."""
         network, theta = self._network, self._network.theta
         zero_mean = self._fitted("prior_mean") == "zero"
         parts = []
-        for start in range(0, X.shape[0], self.batch_size):
-            outputs, shift = outputs_and_jvp(
-                network, theta, X[start : start + self.batch_size], self.delta_,
-                self.forward_mode_,
-            )  # fmt: skip
-            check_finite(
-                outputs,
-                "The network's outputs on X",
-                "the network must be finite where it predicts",
-                offset=start,
-            )
-            check_finite(
-                shift,
-                "The linearized corrections J(x)·delta_ on X",
-                "the network's gradients are not finite there",
-                offset=start,
-            )
-            parts.append(shift if zero_mean else outputs + shift)
+        with stages("mean", total=self._n_chunks(X)) as stage:
+            for start in range(0, X.shape[0], self.batch_size):
+                outputs, shift = outputs_and_jvp(
+                    network, theta, X[start : start + self.batch_size], self.delta_,
+                    self.forward_mode_,
+                )  # fmt: skip
+                check_finite(
+                    outputs,
+                    "The network's outputs on X",
+                    "the network must be finite where it predicts",
+                    offset=start,
+                )
+                check_finite(
+                    shift,
+                    "The linearized corrections J(x)·delta_ on X",
+                    "the network's gradients are not finite there",
+                    offset=start,
+                )
+                parts.append((loc if zero_mean else outputs) + scale * shift)
+                stage.step()
         return torch.cat(parts)
 
     @property
@@ -416,6 +436,30 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
     def n_params_(self):
         """Number of linearized parameters p."""
         return self._network.n_params
+
+
+def _is_skorch_net(obj):
+    """Whether ``obj`` is a skorch NeuralNet, known without importing skorch."""
+    return any(
+        cls.__name__ == "NeuralNet" and cls.__module__.split(".")[0] == "skorch"
+        for cls in type(obj).__mro__
+    )
+
+
+def _check_not_wrapped(network):
+    """TypeError, naming ``net.module_``, for a network given wrapped: a skorch net,
+    or another object that is no torch Module but holds one as ``module_``."""
+    if isinstance(network, torch.nn.Module) or network is None:
+        return
+    if _is_skorch_net(network) or isinstance(
+        getattr(network, "module_", None), torch.nn.Module
+    ):
+        kind = "skorch net" if _is_skorch_net(network) else "wrapper"
+        raise TypeError(
+            f"network is a {kind} ({type(network).__name__}), not a torch.nn.Module. "
+            "Pass its trained module: network=net.module_ (it exists once the net "
+            "is fitted or initialized)."
+        )
 
 
 def _check_batch_independence(network, sample):

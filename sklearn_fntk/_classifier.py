@@ -112,7 +112,14 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
     random_state : int, RandomState instance or None, default=None
         Seeds the default network's initialisation and the draws of ``link="mc"``.
     verbose : int, default=0
-        Print Newton and CG progress when positive.
+        Progress through the ``logging`` module, logger ``"sklearn_fntk"``: every
+        stage of fit and predict (linearization, Newton's method at each prior
+        tried, the prior search) is logged at INFO with its wall time and details,
+        steps at DEBUG. 0 changes no logging configuration (records show where the
+        user lets INFO through, e.g. ``logging.basicConfig(level=logging.INFO)``);
+        1 shows the INFO lines (on stderr where no handler is configured) and,
+        with tqdm installed (the ``progress`` extra), a bar for Newton's method;
+        2 also the DEBUG lines. See the user guide, "Progress and logging".
     distributed : bool, default=False
         Fit data-parallel: every process of the initialised default
         torch.distributed process group calls ``fit`` on its own shard of the data,
@@ -260,33 +267,22 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
             The fitted estimator.
         """
         reduction = fit_reduction(self)
-        with reduction.guard():
-            return self._fit_shard(X, y, sample_weight, reduction)
+        with reduction.guard(), self._stages("fit") as stages:
+            return self._fit_shard(X, y, sample_weight, reduction, stages)
 
-    def _fit_shard(self, X, y, sample_weight, reduction):
-        """:meth:`fit` on the data, or on this process's shard of them."""
-        X, y, sample_weight, state = self._validate_fit_data(X, y, sample_weight)
-        check_classification_targets(y)
-        if reduction.distributed:
-            check_same(reduction, X.shape[1:], "the shape of X's samples")
-        classes = class_union(reduction, np.unique(y))
-        labels = np.searchsorted(classes, y)
+    def _fit_shard(self, X, y, sample_weight, reduction, stages):
+        """:meth:`fit` on the data, or on this process's shard of them, its stages
+        reported to ``stages``."""
+        with stages("validation and network copy"):
+            X, y, sample_weight, state = self._validate_fit_data(X, y, sample_weight)
+            classes, labels, network = self._labels_and_network(X, y, reduction)
         n_classes = len(classes)
-        if n_classes < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs samples of at least 2 classes in y; got "
-                f"1 class: {classes.tolist()}."
-            )
-
-        def check_count(n_network):
-            self._check_logit_count(n_network, n_classes)
-
-        network = self._make_network(X, 1 if n_classes == 2 else n_classes, check_count)
         theta = network.theta
         check_same_parameters(reduction, theta)
-        jacobian = self._training_jacobian(
-            network, _to_tensor(X, theta), cache=True, reduction=reduction
-        )
+        with stages("linearization", samples=X.shape[0], parameters=network.n_params):
+            jacobian = self._training_jacobian(
+                network, _to_tensor(X, theta), cache=True, reduction=reduction
+            )
         n_logits = jacobian.n_outputs
         n_rows = int(reduction.sum_float(X.shape[0])) * n_logits
         choices = self._resolve(n_rows, network.n_params, False, variance=None)
@@ -301,12 +297,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
             n_classes=n_classes,
             choices=choices,
         )
-        progress = self._cg_progress()
-        try:
-            posterior, evidence, evaluations = self._fit_posterior(arguments, progress)
-        finally:
-            if progress is not None:
-                progress.close()
+        posterior, evidence, evaluations = self._fit_posterior(arguments, stages)
         if not bool(torch.isfinite(posterior.delta).all()):
             raise FloatingPointError(
                 f"{type(self).__name__}: Newton's method returned NaN or infinite "
@@ -339,6 +330,27 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
             }
         )
         return self
+
+    def _labels_and_network(self, X, y, reduction):
+        """``classes_`` (over all shards), the labels as class indices, and the
+        private network."""
+        check_classification_targets(y)
+        if reduction.distributed:
+            check_same(reduction, X.shape[1:], "the shape of X's samples")
+        classes = class_union(reduction, np.unique(y))
+        labels = np.searchsorted(classes, y)
+        n_classes = len(classes)
+        if n_classes < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes in y; got "
+                f"1 class: {classes.tolist()}."
+            )
+
+        def check_count(n_network):
+            self._check_logit_count(n_network, n_classes)
+
+        network = self._make_network(X, 1 if n_classes == 2 else n_classes, check_count)
+        return classes, labels, network
 
     def _warn_newton(self, posterior):
         """Warn where Newton's method or its CG solves stopped short."""
@@ -413,10 +425,14 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         if self.link == "mc":
             rng = check_random_state(self.random_state)
             draws = self._tensor(rng.standard_normal((self.n_samples, self.n_logits_)))
-        parts = [
-            link_scores(self.link, mean, cov, len(self.classes_), draws)
-            for mean, cov in self._latent(X, covariance=self.link != "map")
-        ]
+        parts = []
+        with (
+            self._stages("predict") as stages,
+            stages(f"logits and {self.link} link", total=self._n_chunks(X)) as stage,
+        ):
+            for mean, cov in self._latent(X, covariance=self.link != "map"):
+                parts.append(link_scores(self.link, mean, cov, len(self.classes_), draws))
+                stage.step()
         return torch.cat(parts)
 
     def predict_latent(self, X):

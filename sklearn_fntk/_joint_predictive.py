@@ -3,7 +3,7 @@
 matrices and ask the memory guard first.
 
 A mixin of FiniteNTKRegressor: it reads the fitted state (``_posterior``,
-``n_outputs_``, ``_y_ndim``) and the estimator's helpers.
+``n_outputs_``, ``_y_ndim``, ``_y_scale``) and the estimator's helpers (``_mean``).
 """
 
 from numbers import Integral
@@ -22,8 +22,9 @@ class JointPredictiveMixin:
     """Joint covariances and posterior draws for FiniteNTKRegressor."""
 
     def _latent_covariance(self, X, what, after=()):
-        """Joint predictive covariance over all test points and outputs, (m·k, m·k),
-        after checking that it fits with what the caller then holds (``after``)."""
+        """Joint predictive covariance of the latent outputs over all test points and
+        outputs in model units (standardized with ``normalize_y``), (m·k, m·k), after
+        checking that it fits with what the caller then holds (``after``)."""
         rows = X.shape[0] * self.n_outputs_
         advice = "pass fewer test points at a time"
         self._posterior.check_covariance(rows, what, advice, after)
@@ -62,7 +63,7 @@ class JointPredictiveMixin:
         check_is_fitted(self)
         X = self._validate_predict_X(X)
         rng = check_random_state(random_state)
-        mean = self._numpy(self._latent_mean(X)).reshape(-1)
+        mean = self._numpy(self._mean(X))
         rows = X.shape[0] * self.n_outputs_
         after = [("a float64 copy for the eigendecomposition", (rows, rows), torch.float64)]
         after += eigh_parts(rows, torch.float64)
@@ -71,6 +72,8 @@ class JointPredictiveMixin:
         del covariance
         factor.mul_(eigenvalues.clamp_min(0.0).sqrt())  # U diag(√λ), in place
         normal = torch.from_numpy(rng.standard_normal((rows, n_samples)))
-        draws = mean[:, None] + (factor @ normal.to(factor.device)).cpu().numpy()
-        draws = draws.reshape(X.shape[0], self.n_outputs_, n_samples)
+        deviations = (factor @ normal.to(factor.device)).cpu().numpy()
+        deviations = deviations.reshape(X.shape[0], self.n_outputs_, n_samples)
+        scale = self._numpy(self._y_scale)[:, None]  # model units -> y's
+        draws = mean.reshape(X.shape[0], self.n_outputs_, 1) + scale * deviations
         return draws[:, 0, :] if self._y_ndim == 1 else draws

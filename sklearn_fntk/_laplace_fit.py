@@ -29,8 +29,9 @@ STOCHASTIC_SEARCH_XTOL = 1e-2
 class LaplaceFitMixin:
     """Fitting the Laplace posterior, with the evidence where ``prior="auto"``."""
 
-    def _fit_posterior(self, arguments, progress):
-        """The posterior at ``prior``, or at the evidence's maximum for "auto".
+    def _fit_posterior(self, arguments, stages):
+        """The posterior at ``prior``, or at the evidence's maximum for "auto";
+        stages (Newton's method at each prior, the search) reported to ``stages``.
 
         Returns the fitted LaplacePosterior, its LaplaceEvidence (None for a fixed
         prior: computed on demand) and the number of priors tried.
@@ -54,22 +55,27 @@ class LaplaceFitMixin:
                 start=start,
                 gram=shared.get("gram"),
                 generator=self._generator(arguments["jacobian"].w.device),
-                callback=progress,
-                report=self._newton_progress(),
+                stages=stages,
             )
             shared["gram"] = posterior.gram
             return posterior
 
         if self.prior != "auto":
             return fit_at(float(self.prior), None), None, 1
-        search = maximize_laplace_evidence(
-            fit_at,
-            start=1.0,
-            bounds=PRIOR_BOUNDS,
-            exact=exact,
-            xtol=self.tol if exact else max(self.tol, STOCHASTIC_SEARCH_XTOL),
-            evidence_options=self._evidence_options(),
-        )
+        with stages("evidence search (prior='auto')") as stage:
+            search = maximize_laplace_evidence(
+                fit_at,
+                start=1.0,
+                bounds=PRIOR_BOUNDS,
+                exact=exact,
+                xtol=self.tol if exact else max(self.tol, STOCHASTIC_SEARCH_XTOL),
+                evidence_options=self._evidence_options(),
+            )
+            stage.note(
+                prior=search.prior,
+                log_evidence=search.evidence.log_marginal_likelihood,
+                priors_tried=search.n_evaluations,
+            )
         if search.at_bound is not None:
             low, high = PRIOR_BOUNDS
             warn(
@@ -85,12 +91,6 @@ class LaplaceFitMixin:
                 )
                 + " Pass prior as a number instead (for example chosen by "
                 "GridSearchCV)."
-            )
-        if self.verbose:
-            print(
-                f"[{type(self).__name__}] prior='auto': prior_={search.prior:.6g}, log "
-                f"evidence {search.evidence.log_marginal_likelihood:.6g}, "
-                f"{search.n_evaluations} priors tried"
             )
         return search.posterior, search.evidence, search.n_evaluations
 
@@ -136,17 +136,3 @@ class LaplaceFitMixin:
         generator = torch.Generator(device=posterior.delta.device)
         generator.manual_seed(options.pop("generator_seed"))
         return laplace_evidence(posterior, generator=generator, **options)
-
-    def _newton_progress(self):
-        """A Newton callback printing progress when ``verbose > 0``."""
-        if not self.verbose:
-            return None
-
-        def report(iteration, objective, gradient_norm, step_size, cg_iterations):
-            print(
-                f"[{type(self).__name__}] Newton iteration {iteration}: objective "
-                f"{objective:.6g}, gradient norm {gradient_norm:.3e}, step size "
-                f"{step_size:g}, {cg_iterations} CG iteration(s)"
-            )
-
-        return report

@@ -26,26 +26,33 @@ class MarginalLikelihoodMixin:
     """``noise="auto"`` / ``prior="auto"`` and ``log_marginal_likelihood`` for
     FiniteNTKRegressor."""
 
-    def _fit_hyperparameters(self, jacobian, residuals, structured, choices):
+    def _fit_hyperparameters(self, jacobian, residuals, structured, choices, stages):
         """Fit the "auto" ones of noise and prior by the evidence (see
         ``_inference.hyperparameters``): exact from one eigendecomposition with the
-        dense solver, by Lanczos quadrature with CG. Returns the Gram matrix (if
-        assembled, for the dense solve), the evidence and the optimum."""
+        dense solver, by Lanczos quadrature with CG; stages reported to ``stages``.
+        Returns the Gram matrix (if assembled, for the dense solve), the evidence and
+        the optimum."""
         lanczos = None
         if choices.solver == "cg":
             lanczos = self._policy.lanczos_options(self._generator(jacobian.w.device))
         gram, evidence = spectral_evidence(
-            jacobian, residuals, choices.space, structured, lanczos
+            jacobian, residuals, choices.space, structured, lanczos, stages
         )
         r, reduction = residuals.reshape(-1), jacobian.reduction  # over the shards
-        best = fit_hyperparameters(
-            evidence,
-            noise=self.noise,
-            prior=self.prior,
-            mean_squared_residual=reduction.sum_float(r @ r)
-            / reduction.sum_float(r.numel()),
-            hyperprior="default",
-        )
+        with stages("evidence search") as stage:
+            best = fit_hyperparameters(
+                evidence,
+                noise=self.noise,
+                prior=self.prior,
+                mean_squared_residual=reduction.sum_float(r @ r)
+                / reduction.sum_float(r.numel()),
+                hyperprior="default",
+            )
+            stage.note(
+                noise=best.noise,
+                prior=best.prior,
+                log_evidence=best.log_marginal_likelihood,
+            )
         # a vanishing noise (an interpolating GP) or an unbounded prior; the
         # other ends (all noise, or a network that needs no change) are answers
         if {"noise lower", "prior upper"} & set(best.bounds_hit):

@@ -23,6 +23,7 @@ from ._joint_predictive import JointPredictiveMixin
 from ._linearize.jacobian import scale_rows
 from ._marginal_likelihood import MarginalLikelihoodMixin
 from ._sharding import check_same, check_same_parameters, detach, fit_reduction
+from ._stages import NO_STAGES
 
 __all__ = ["FiniteNTKRegressor"]
 
@@ -121,8 +122,29 @@ class FiniteNTKRegressor(
     random_state : int, RandomState instance or None, default=None
         Seeds the default network's initialisation, the Nyström sketches, the
         Lanczos probes and the random restarts of the evidence maximisation.
+    normalize_y : bool, default=False
+        Standardize each output of y (its mean and std over the training samples)
+        before fitting, as GaussianProcessRegressor's ``normalize_y``; with
+        ``prior_mean="network"`` the network's outputs are standardized alike, so
+        the model is unchanged up to the units of noise and prior. Predictive
+        means, stds, covariances and samples come back in y's units; ``noise``,
+        ``noise_``, ``prior_`` and the log marginal likelihood are those of the
+        standardized y. This is the way to a std in y's units for targets of any
+        scale: ``TransformedTargetRegressor`` cannot pass ``return_std`` back
+        (its ``predict`` expects one array).
     verbose : int, default=0
-        Print CG progress when positive.
+        Progress through the ``logging`` module, logger ``"sklearn_fntk"``: every
+        stage of fit and predict (validation, linearization, the evidence and its
+        search, preconditioner or dense factor, the solve with its iterations and
+        final residual, the variance factor, the predictive mean and variances) is
+        logged at INFO with its wall time and details; loop steps (CG and Lanczos
+        iterations) at DEBUG. 0 changes no logging configuration (records show
+        where the user lets INFO through, e.g.
+        ``logging.basicConfig(level=logging.INFO)``); 1 shows the INFO lines (on
+        stderr where no handler is configured) and, with tqdm installed (the
+        ``progress`` extra), bars for stages with a known step count (CG with
+        ``max_iter`` as its bound, Lanczos steps, prediction chunks); 2 also the
+        DEBUG lines. See the user guide, "Progress and logging".
     distributed : bool, default=False
         Fit data-parallel: every process of the initialised default
         torch.distributed process group (gloo on CPUs, NCCL on GPUs; launched by
@@ -218,6 +240,7 @@ class FiniteNTKRegressor(
         "fisher_product": [StrOptions({"exact", "finite_difference"})],
         "variance": [StrOptions({"auto", "exact", "low_rank"})],
         "rank": [Interval(Integral, 1, None, closed="left"), None],
+        "normalize_y": ["boolean"],
     }
     _conditioning_advice = "increase noise"
 
@@ -241,6 +264,7 @@ class FiniteNTKRegressor(
         dtype="float64",
         device="cpu",
         random_state=None,
+        normalize_y=False,
         verbose=0,
         distributed=False,
     ):
@@ -261,6 +285,7 @@ class FiniteNTKRegressor(
         self.dtype = dtype
         self.device = device
         self.random_state = random_state
+        self.normalize_y = normalize_y
         self.verbose = verbose
         self.distributed = distributed
 
@@ -295,34 +320,21 @@ class FiniteNTKRegressor(
             The fitted estimator.
         """
         reduction = fit_reduction(self)
-        with reduction.guard():
-            return self._fit_shard(X, y, sample_weight, reduction)
+        with reduction.guard(), self._stages("fit") as stages:
+            return self._fit_shard(X, y, sample_weight, reduction, stages)
 
-    def _fit_shard(self, X, y, sample_weight, reduction):
-        """:meth:`fit` on the data, or on this process's shard of them."""
-        X, y, sample_weight, state = self._validate_fit_data(
-            X, y, sample_weight, multi_output=True, y_numeric=True
-        )
-        if y.dtype.kind not in "biuf":
-            raise ValueError(
-                f"y has dtype {y.dtype}: {type(self).__name__} needs numeric targets. "
-                "Convert them, for example with y.astype(float)."
+    def _fit_shard(self, X, y, sample_weight, reduction, stages):
+        """:meth:`fit` on the data, or on this process's shard of them, its stages
+        reported to ``stages``."""
+        with stages("validation and network copy"):
+            X, y, sample_weight, state = self._validate_fit_data(
+                X, y, sample_weight, multi_output=True, y_numeric=True
             )
+            network, choices = self._network_and_choices(X, y, reduction)
+            X = _to_tensor(X, network.theta)  # one copy, shared by kernel and products
         Y = y.reshape(y.shape[0], -1)
         n_outputs = Y.shape[1]
-        if reduction.distributed:
-            shape = (X.shape[1:], y.ndim, n_outputs)
-            check_same(reduction, shape, "the shape of X's samples, y's ndim and outputs")
-        network = self._make_network(X, n_outputs)
         theta = network.theta
-        check_same_parameters(reduction, theta)
-        choices = self._resolve(
-            int(reduction.sum_float(X.shape[0])) * n_outputs,
-            network.n_params,
-            self._layerwise(network),
-            variance=self.variance,
-        )
-        X = _to_tensor(X, theta)  # one copy, shared by the kernel and the products
         # Noise variances σ²/w_i: the GP on the rows of J and r scaled by √w_i has
         # noise σ² I, so everything below works on that scaled system. Its log
         # evidence is that of the weighted model less ½ Σ log w (one term per row).
@@ -330,7 +342,7 @@ class FiniteNTKRegressor(
         if sample_weight is not None:
             row_scale = torch.sqrt(_to_tensor(sample_weight, theta))
             log_weight = 0.5 * n_outputs * reduction.sum_float(np.log(sample_weight).sum())
-        structured = self._structured_kernel(network, X, choices, row_scale)
+        structured = self._structured_kernel(network, X, choices, row_scale, stages)
         # Iterative solves reuse each chunk's forward pass, except where the kernel
         # is layerwise or the finite-difference Fisher product runs its own passes.
         finite_difference = (
@@ -343,22 +355,29 @@ class FiniteNTKRegressor(
                 "conditioning (predicted means were measured 14% off although CG "
                 "converged). Use fisher_product='exact' or dtype='float64'."
             )
-        jacobian = self._training_jacobian(
-            network,
-            X,
-            cache=choices.solver == "cg" and structured is None and not finite_difference,
-            row_scale=row_scale,
-            reduction=reduction,
-        )
-        # r = y - m(X), with m(X) = f_θ(X) or 0, scaled like J's rows
+        with stages("linearization", samples=X.shape[0], parameters=network.n_params):
+            jacobian = self._training_jacobian(
+                network,
+                X,
+                cache=choices.solver == "cg"
+                and structured is None
+                and not finite_difference,
+                row_scale=row_scale,
+                reduction=reduction,
+            )
+        # r = y - m(X), with m(X) = f_θ(X) or 0, scaled like J's rows; with
+        # normalize_y, y and f_θ(X) in standardized units
         targets = self._targets(Y, theta)
+        y_mean, y_scale = self._target_scaling(targets, reduction)
+        targets = (targets - y_mean) / y_scale
         scaled_targets = scale_rows(targets, row_scale)
-        residuals = targets - jacobian.outputs if self.prior_mean == "network" else targets
+        outputs = (jacobian.outputs - y_mean) / y_scale
+        residuals = targets - outputs if self.prior_mean == "network" else targets
         residuals = scale_rows(residuals, row_scale)
         noise, prior, gram, evidence, lml_value = self.noise, self.prior, None, None, None
         if "auto" in (noise, prior):
             gram, evidence, best = self._fit_hyperparameters(
-                jacobian, residuals, structured, choices
+                jacobian, residuals, structured, choices, stages
             )
             noise, prior = best.noise, best.prior
             lml_value = best.log_marginal_likelihood + log_weight
@@ -375,14 +394,7 @@ class FiniteNTKRegressor(
             tol=self.tol,
             max_iter=self.max_iter,
         )
-        progress = self._cg_progress()
-        try:
-            posterior.fit(
-                gram=gram, generator=self._generator(self.device), callback=progress
-            )
-        finally:
-            if progress is not None:
-                progress.close()
+        posterior.fit(gram=gram, generator=self._generator(self.device), stages=stages)
         scale = reduction.sum_float(scaled_targets.square().sum()) ** 0.5
         check_regression_solve(self, posterior, scale)
         check_low_rank_variance(choices.variance, posterior)
@@ -391,6 +403,8 @@ class FiniteNTKRegressor(
             {
                 **state,
                 "_y_ndim": y.ndim,
+                "_y_mean": y_mean,
+                "_y_scale": y_scale,
                 "n_outputs_": n_outputs,
                 "_network": network,
                 "space_": choices.space,
@@ -413,24 +427,72 @@ class FiniteNTKRegressor(
         )
         return self
 
+    def _network_and_choices(self, X, y, reduction):
+        """The private network for (X, y) and the resolved choices of this fit (the
+        shapes and the network checked to agree over the shards)."""
+        if y.dtype.kind not in "biuf":
+            raise ValueError(
+                f"y has dtype {y.dtype}: {type(self).__name__} needs numeric targets. "
+                "Convert them, for example with y.astype(float)."
+            )
+        n_outputs = 1 if y.ndim == 1 else y.shape[1]
+        if reduction.distributed:
+            shape = (X.shape[1:], y.ndim, n_outputs)
+            check_same(reduction, shape, "the shape of X's samples, y's ndim and outputs")
+        network = self._make_network(X, n_outputs)
+        check_same_parameters(reduction, network.theta)
+        choices = self._resolve(
+            int(reduction.sum_float(X.shape[0])) * n_outputs,
+            network.n_params,
+            self._layerwise(network),
+            variance=self.variance,
+        )
+        return network, choices
+
+    def _target_scaling(self, targets, reduction):
+        """(mean, std) of each column of ``targets`` (n, k) over all shards with
+        ``normalize_y`` (a std of 0 counts as 1), else (0, 1): y in model units is
+        (y - mean)/std."""
+        if not self.normalize_y:
+            return torch.zeros_like(targets[0]), torch.ones_like(targets[0])
+        n = reduction.sum_float(targets.shape[0])
+        mean = reduction.sum(targets.sum(dim=0)) / n
+        std = torch.sqrt(reduction.sum(((targets - mean) ** 2).sum(dim=0)) / n)
+        return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+    def _mean(self, X, stages=NO_STAGES):
+        """Predictive mean in y's units, shape (m, k)."""
+        return self._latent_mean(X, stages, loc=self._y_mean, scale=self._y_scale)
+
+    def _variance(self, X, include_noise, stages=NO_STAGES):
+        """Predictive variances in y's units, shape (m, k): of f, or of a new
+        observation with ``include_noise``."""
+        variance = self._latent_variance(X, stages)
+        if include_noise:
+            variance = variance + self.noise_
+        return variance * self._y_scale**2
+
     def _shape_outputs(self, array):
         """(m, k) -> (m,) when fitted on a 1-D y."""
         return array[:, 0] if self._y_ndim == 1 else array
 
-    def _latent_variance(self, X):
-        """Predictive variances of the latent outputs, shape (m, k)."""
+    def _latent_variance(self, X, stages=NO_STAGES):
+        """Predictive variances of the latent outputs in model units, shape (m, k);
+        the chunks are steps of the stage "variances" of ``stages``."""
         parts = []
-        for start in range(0, X.shape[0], self.batch_size):
-            chunk = X[start : start + self.batch_size]
-            variance, report = self._posterior.covariance(chunk, diagonal=True)
-            self._warn_unconverged(report, "predictive variances")
-            check_finite(
-                variance.reshape(-1, self.n_outputs_),
-                "The predictive variances on X",
-                "the network's gradients are not finite there",
-                offset=start,
-            )
-            parts.append(variance.reshape(-1, self.n_outputs_))
+        with stages("variances", total=self._n_chunks(X)) as stage:
+            for start in range(0, X.shape[0], self.batch_size):
+                chunk = X[start : start + self.batch_size]
+                variance, report = self._posterior.covariance(chunk, diagonal=True)
+                self._warn_unconverged(report, "predictive variances")
+                check_finite(
+                    variance.reshape(-1, self.n_outputs_),
+                    "The predictive variances on X",
+                    "the network's gradients are not finite there",
+                    offset=start,
+                )
+                parts.append(variance.reshape(-1, self.n_outputs_))
+                stage.step()
         return torch.cat(parts).clamp_min(0.0)
 
     def predict(self, X, return_std=False, return_cov=False, include_noise=False):
@@ -467,21 +529,27 @@ class FiniteNTKRegressor(
         if return_std and return_cov:
             raise RuntimeError("At most one of return_std or return_cov can be requested.")
         check_is_fitted(self)
+        with self._stages("predict") as stages:
+            return self._predict(X, return_std, return_cov, include_noise, stages)
+
+    def _predict(self, X, return_std, return_cov, include_noise, stages):
+        """:meth:`predict`, its stages reported to ``stages``."""
         X = self._validate_predict_X(X)
-        mean = self._shape_outputs(self._numpy(self._latent_mean(X)))
-        noise = self.noise_ if include_noise else 0.0
+        mean = self._shape_outputs(self._numpy(self._mean(X, stages)))
         if return_std:
-            std = torch.sqrt(self._latent_variance(X) + noise)
+            std = torch.sqrt(self._variance(X, include_noise, stages))
             return mean, self._shape_outputs(self._numpy(std))
         if return_cov:
             m, k = X.shape[0], self.n_outputs_
             # the per-output blocks, and their float64 copy where the dtype differs
             after = [("the per-output blocks", (m, m, k), torch.float64)]
-            cov = self._latent_covariance(X, "return_cov", after)
-            cov.diagonal().add_(noise)
-            # per-output blocks cov[i, a, j, a] -> (m, m, k)
+            with stages("covariance", test_rows=m * k):
+                cov = self._latent_covariance(X, "return_cov", after)
+            if include_noise:
+                cov.diagonal().add_(self.noise_)
+            # per-output blocks cov[i, a, j, a] -> (m, m, k), in y's units
             per_output = torch.einsum("iaja->ija", cov.reshape(m, k, m, k))
-            per_output = self._numpy(per_output)
+            per_output = self._numpy(per_output * self._y_scale**2)
             return mean, per_output[:, :, 0] if self._y_ndim == 1 else per_output
         return mean
 
@@ -501,7 +569,6 @@ class FiniteNTKRegressor(
             Predictive standard deviation.
         """
         check_is_fitted(self)
-        variance = self._latent_variance(self._validate_predict_X(X))
-        if include_noise:
-            variance = variance + self.noise_
+        with self._stages("predict_std") as stages:
+            variance = self._variance(self._validate_predict_X(X), include_noise, stages)
         return self._shape_outputs(self._numpy(torch.sqrt(variance)))

@@ -180,11 +180,14 @@ def test_fixed_prior_runs_no_search(case):
     assert clf.prior_ == 0.7 and clf.n_evidence_evaluations_ == 1
 
 
-def test_auto_prior_fits_quietly_and_reports(case, capsys):
+def test_auto_prior_fits_quietly_and_reports(case, caplog):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         clf = FiniteNTKClassifier(case["net"], verbose=1).fit(case["X"], case["y"])
-    assert f"prior_={clf.prior_:.6g}" in capsys.readouterr().out
+    (search,) = [r for r in caplog.records if r.stage.startswith("evidence search")]
+    assert search.details["prior"] == clf.prior_
+    assert search.details["priors_tried"] == clf.n_evidence_evaluations_
+    assert f"prior={clf.prior_:.3g}" in search.getMessage()
     assert math.isfinite(clf.log_marginal_likelihood())
 
 

@@ -317,3 +317,83 @@ def test_multi_output_score_is_uniform_average_r2(diabetes):
     assert prediction.shape == (50, 3)
     expected = r2_score(Y[100:], prediction, multioutput="uniform_average")
     assert regressor.score(X[100:], Y[100:]) == pytest.approx(expected, rel=1e-12)
+
+
+# -- uncertainty through wrappers ---------------------------------------------------------
+
+
+class StandardizedMean(torch.nn.Module):
+    """Outputs (net(x) - loc) / scale with the Jacobian of net: the prior mean and
+    kernel of FiniteNTKRegressor(net, normalize_y=True) on standardized targets."""
+
+    def __init__(self, net, loc, scale):
+        super().__init__()
+        self.net = net
+        self.loc, self.scale = torch.as_tensor(loc), torch.as_tensor(scale)
+
+    def forward(self, x):
+        out = self.net(x)
+        return out + ((out - self.loc) / self.scale - out).detach()
+
+
+@pytest.mark.parametrize("prior_mean", ["network", "zero"])
+def test_normalize_y_is_a_fit_on_standardized_y_scaled_back(diabetes, prior_mean):
+    X, y = diabetes
+    Y = np.column_stack([50 * y + 150, -3 * y**2 + 7])  # two outputs, two scales
+    loc, scale = Y.mean(axis=0), Y.std(axis=0)
+    options = dict(noise=0.3, prior=2.0, prior_mean=prior_mean)
+    model = FiniteNTKRegressor(mlp(n_out=2), normalize_y=True, **options).fit(X, Y)
+    reference = FiniteNTKRegressor(
+        StandardizedMean(mlp(n_out=2), loc, scale), **options
+    ).fit(X, (Y - loc) / scale)
+    test = X[:20]
+    mean, std = model.predict(test, return_std=True, include_noise=True)
+    mean_ref, std_ref = reference.predict(test, return_std=True, include_noise=True)
+    np.testing.assert_allclose(mean, mean_ref * scale + loc, rtol=1e-10)
+    np.testing.assert_allclose(std, std_ref * scale, rtol=1e-10)
+    np.testing.assert_allclose(
+        model.predict_std(test), reference.predict_std(test) * scale, rtol=1e-10
+    )
+    _, cov = model.predict(test, return_cov=True, include_noise=True)
+    _, cov_ref = reference.predict(test, return_cov=True, include_noise=True)
+    np.testing.assert_allclose(cov, cov_ref * scale**2, rtol=1e-9, atol=1e-12)
+    draws = model.sample_y(test[:5], 3, random_state=1)  # (5, 2, 3)
+    draws_ref = reference.sample_y(test[:5], 3, random_state=1)
+    np.testing.assert_allclose(draws, draws_ref * scale[:, None] + loc[:, None], rtol=1e-8)
+    assert model.noise_ == reference.noise_ and model.prior_ == reference.prior_
+    np.testing.assert_allclose(
+        model.log_marginal_likelihood(), reference.log_marginal_likelihood(), rtol=1e-10
+    )
+
+
+def test_transformed_target_regressor_mean_and_normalize_y_std(diabetes):
+    """TransformedTargetRegressor passes predict's arguments to the regressor but
+    expects one array back, so return_std fails in scikit-learn's code; normalize_y
+    is the way to a std in y's units, with the same mean for prior_mean="zero"."""
+    from sklearn.compose import TransformedTargetRegressor
+
+    X, y = diabetes
+    y = 50 * y + 150
+    options = dict(noise=0.3, prior=2.0, prior_mean="zero")
+    wrapped = TransformedTargetRegressor(
+        regressor=FiniteNTKRegressor(mlp(), **options), transformer=StandardScaler()
+    ).fit(X, y)
+    model = FiniteNTKRegressor(mlp(), normalize_y=True, **options).fit(X, y)
+    mean, std = model.predict(X[:20], return_std=True)
+    np.testing.assert_allclose(wrapped.predict(X[:20]), mean, rtol=1e-10)
+    with pytest.raises(AttributeError, match="'tuple' object has no attribute 'ndim'"):
+        wrapped.predict(X[:20], return_std=True)
+    inner_std = wrapped.regressor_.predict_std(X[:20])  # standardized units
+    np.testing.assert_allclose(std, inner_std * y.std(), rtol=1e-10)
+
+
+def test_pipeline_passes_return_std_and_include_noise(diabetes):
+    X, y = diabetes
+    pipeline = Pipeline(
+        [("scale", StandardScaler()), ("ntk", FiniteNTKRegressor(mlp(), noise=0.3))]
+    ).fit(X, y)
+    mean, std = pipeline.predict(X[:10], return_std=True, include_noise=True)
+    regressor, Z = pipeline[-1], pipeline[0].transform(X[:10])
+    np.testing.assert_array_equal(mean, regressor.predict(Z))
+    np.testing.assert_array_equal(std, regressor.predict_std(Z, include_noise=True))
+    assert np.all(std > regressor.predict_std(Z))

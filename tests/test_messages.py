@@ -184,3 +184,54 @@ def test_evidence_and_sampling_arguments(data):
     for n_samples in (2.5, 0, "3"):
         with pytest.raises(ValueError, match="The 'n_samples' parameter of sample_y"):
             reg.sample_y(X_test, n_samples=n_samples)
+
+
+def _skorch_like_classes():
+    """A NeuralNet / NeuralNetRegressor pair declared in a module named like
+    skorch's, as skorch's classes are found without importing skorch."""
+
+    class NeuralNet:
+        def __init__(self, module):
+            self.module = module
+
+        def initialize(self):
+            self.module_ = self.module()
+            return self
+
+    class NeuralNetRegressor(NeuralNet):
+        pass
+
+    for cls in (NeuralNet, NeuralNetRegressor):
+        cls.__module__ = "skorch.regressor"
+    return NeuralNetRegressor
+
+
+@pytest.mark.parametrize("initialized", [False, True])
+def test_a_skorch_net_is_refused_naming_its_module(data, initialized):
+    X, y, _ = data
+    net = _skorch_like_classes()(mlp)
+    if initialized:
+        net.initialize()
+    for estimator, target in [(FiniteNTKRegressor, y), (FiniteNTKClassifier, y > 0)]:
+        with pytest.raises(TypeError) as info:
+            estimator(net).fit(X, target)
+        assert str(info.value) == (
+            "network is a skorch net (NeuralNetRegressor), not a torch.nn.Module. Pass "
+            "its trained module: network=net.module_ (it exists once the net is fitted "
+            "or initialized)."
+        )
+    if initialized:  # and its module_ works
+        FiniteNTKRegressor(net.module_, noise=0.1, prior=1.0).fit(X, y)
+
+
+def test_another_wrapper_holding_a_module_is_refused_naming_it(data):
+    X, y, _ = data
+
+    class Wrapper:
+        module_ = mlp()
+
+    with pytest.raises(TypeError, match=r"^network is a wrapper \(Wrapper\), not a "):
+        FiniteNTKRegressor(Wrapper()).fit(X, y)
+    # anything else gets scikit-learn's parameter error, unchanged
+    with pytest.raises(ValueError, match="The 'network' parameter of FiniteNTKRegressor"):
+        FiniteNTKRegressor("mlp").fit(X, y)

@@ -45,6 +45,7 @@ import torch
 
 from .._linalg.lanczos import quadrature, rademacher
 from .._linalg.memory import check_fits, largest
+from .._stages import NO_STAGES
 from .operators import FunctionOperator, ParameterOperator
 from .system import eigen_parts
 
@@ -56,6 +57,16 @@ __all__ = [
 # Pairs of (noise, prior) evaluated at once are blocked to about this many entries
 # of the (pairs x eigenvalues) array D.
 _BLOCK_ENTRIES = 1 << 22
+
+
+def _stepping(matmat, stage):
+    """``matmat`` reporting a step of ``stage`` per product."""
+
+    def stepping(V):
+        stage.step()
+        return matmat(V)
+
+    return stepping
 
 
 def _float64(array):
@@ -219,7 +230,9 @@ class SpectralEvidence:
         return cls(f, z, residual_sq_norm, size, vectors=V, space="parameter")
 
     @classmethod
-    def from_lanczos(cls, matmat, start, *, space, size, residual_sq_norm, options):
+    def from_lanczos(
+        cls, matmat, start, *, space, size, residual_sq_norm, options, stages=NO_STAGES
+    ):
         """Lanczos quadrature of the spectrum of G = J Jᵀ (function space) or
         F = JᵀJ (parameter space), matrix-free, for every (σ², s) at once.
 
@@ -245,6 +258,8 @@ class SpectralEvidence:
             ‖r‖².
         options : dict
             ``quadratic_steps``, ``log_det_steps``, ``n_probes``, ``generator``.
+        stages : Stages
+            Where the two Lanczos runs are reported, a step per product.
 
         Returns
         -------
@@ -255,14 +270,20 @@ class SpectralEvidence:
         if start_norm == 0.0:  # r (or Jᵀr) is 0: the quadratic term needs no nodes
             nodes, weights = start.new_zeros(1, dtype=torch.float64), start.new_zeros(1)
         else:
-            (rule,) = quadrature(matmat, start[:, None], options["quadratic_steps"])
+            steps = options["quadratic_steps"]
+            with stages("evidence: Lanczos, quadratic term", total=steps) as stage:
+                (rule,) = quadrature(_stepping(matmat, stage), start[:, None], steps)
             nodes, weights = rule
         n_probes = options["n_probes"]
         probes = rademacher(
             order, n_probes, dtype=start.dtype, device=start.device,
             generator=options["generator"],
         )  # fmt: skip
-        rules = quadrature(matmat, probes, options["log_det_steps"])
+        steps = options["log_det_steps"]
+        with stages(
+            "evidence: Lanczos, log-determinant", total=steps, probes=n_probes
+        ) as stage:
+            rules = quadrature(_stepping(matmat, stage), probes, steps)
         log_det_nodes = torch.cat([rule_nodes for rule_nodes, _ in rules])
         log_det_weights = torch.cat([w * order / n_probes for _, w in rules])
         log_det = (log_det_nodes, log_det_weights, size - order)
@@ -384,7 +405,9 @@ class SpectralEvidence:
         return coefficients.reshape(-1, *shape).numpy()
 
 
-def spectral_evidence(jacobian, residuals, space, structured=None, lanczos=None):
+def spectral_evidence(
+    jacobian, residuals, space, structured=None, lanczos=None, stages=NO_STAGES
+):
     """The :class:`SpectralEvidence` of the training data, and the Gram matrix if
     it was assembled.
 
@@ -399,6 +422,8 @@ def spectral_evidence(jacobian, residuals, space, structured=None, lanczos=None)
     lanczos : dict or None
         None: exact, from the dense G or F (one eigendecomposition). Otherwise the
         ``options`` of :meth:`SpectralEvidence.from_lanczos` (matrix-free).
+    stages : Stages
+        Where the stages (eigendecomposition, or Lanczos runs) are reported.
 
     Returns
     -------
@@ -429,13 +454,16 @@ def spectral_evidence(jacobian, residuals, space, structured=None, lanczos=None)
             size=size,
             residual_sq_norm=residual_sq_norm,
             options=lanczos,
+            stages=stages,
         )
         return None, evidence
     _check_spectral(operator)
-    gram = operator.gram_dense()
-    if space == "function":
-        return gram, SpectralEvidence.from_kernel(gram, r)
-    return gram, SpectralEvidence.from_fisher(gram, start, residual_sq_norm, size)
+    with stages("Gram matrix", size=operator.size):
+        gram = operator.gram_dense()
+    with stages("evidence: eigendecomposition", size=operator.size):
+        if space == "function":
+            return gram, SpectralEvidence.from_kernel(gram, r)
+        return gram, SpectralEvidence.from_fisher(gram, start, residual_sq_norm, size)
 
 
 def _check_spectral(operator):

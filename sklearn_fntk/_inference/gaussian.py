@@ -18,6 +18,8 @@ Predictive variances are exact (a solve per test batch) or low-rank
 import math
 import threading
 
+from .._linalg.cg import iteration_limit
+from .._stages import NO_STAGES
 from .evidence import spectral_evidence
 from .low_rank import low_rank_from_eigenpairs, low_rank_from_sketch
 from .operators import FunctionOperator, ParameterOperator
@@ -121,7 +123,7 @@ class GaussianPosterior:
             self.jacobian, shift=self.noise / self.prior, fisher_product=self.fisher_product
         )
 
-    def fit(self, *, gram=None, generator=None, callback=None):
+    def fit(self, *, gram=None, generator=None, stages=NO_STAGES):
         """Build the solver (factor, preconditioner, low-rank variance) and solve.
 
         Parameters
@@ -131,8 +133,8 @@ class GaussianPosterior:
             instead of assembling it again.
         generator : torch.Generator or None
             Randomness of the Nyström sketches.
-        callback : callable or None
-            CG progress callback of the fit solve.
+        stages : Stages
+            Where the stages (factor, preconditioner, solve, ...) are reported.
 
         Returns
         -------
@@ -157,65 +159,92 @@ class GaussianPosterior:
                 phases=[eigen_phase],
             )
         if gram is None and choices.solver == "dense" and exact_eigenpairs:
-            gram = operator.gram_dense()  # assembled once for both uses
+            with stages("Gram matrix", size=operator.size):
+                gram = operator.gram_dense()  # assembled once for both uses
         variance_options = dict(
             prior=self.prior, noise=self.noise, rank=rank, policy=policy
         )
         if exact_eigenpairs:
-            low_rank = low_rank_from_eigenpairs(operator, gram=gram, **variance_options)
+            with stages("low-rank variance (eigenpairs)") as stage:
+                low_rank = low_rank_from_eigenpairs(operator, gram=gram, **variance_options)
+                stage.note(rank=low_rank.rank)
         elif low_rank_variance:
-            low_rank = low_rank_from_sketch(
-                operator, generator=generator, **variance_options
-            )
-        preconditioner = build_preconditioner(
-            operator,
-            choices.preconditioner,
-            rank=rank,
-            tol=self.tol,
-            generator=generator,
-            policy=policy,
-            low_rank=low_rank,
-        )
-        system.build(
-            preconditioner=preconditioner,
-            gram=gram,
-            what=f"{self.space}-space system",
-            advice=_ADVICE,
-        )
-        if self.space == "function":
-            # α = K⁻¹ r ; δ = s·Jᵀ α
-            rhs = self.residuals
-            report = system.solve(rhs, callback=callback)
-            delta = self.prior * self.jacobian.vjp(report.solution.reshape(self._shape))
+            with stages("low-rank variance (Nystrom sketch)") as stage:
+                low_rank = low_rank_from_sketch(
+                    operator, generator=generator, **variance_options
+                )
+                stage.note(rank=low_rank.rank)
+        if choices.preconditioner is not None:
+            with stages("preconditioner", kind=choices.preconditioner) as stage:
+                preconditioner = build_preconditioner(
+                    operator,
+                    choices.preconditioner,
+                    rank=rank,
+                    tol=self.tol,
+                    generator=generator,
+                    policy=policy,
+                    low_rank=low_rank,
+                )
+                stage.note(rank=getattr(preconditioner, "rank", 0))
         else:
-            # δ = A⁻¹ Jᵀ r
-            rhs = self.jacobian.vjp(self.residuals.reshape(self._shape))
-            report = system.solve(rhs, callback=callback)
-            delta = report.solution
+            preconditioner = None
+        what = f"{self.space}-space system"
+        if choices.solver == "dense":
+            with stages("dense factor", size=operator.size):
+                system.build(gram=gram, what=what, advice=_ADVICE)
+        else:
+            system.build(preconditioner=preconditioner, what=what, advice=_ADVICE)
+        total = None
+        if choices.solver == "cg":
+            total = iteration_limit(self.max_iter, operator.size)
+        with stages(f"solve ({choices.solver}, {self.space} space)", total=total) as stage:
+
+            def callback(iteration, residuals):
+                stage.step(residual=float(residuals.max()))
+
+            if self.space == "function":
+                # α = K⁻¹ r ; δ = s·Jᵀ α
+                rhs = self.residuals
+                report = system.solve(rhs, callback=callback)
+                delta = self.prior * self.jacobian.vjp(report.solution.reshape(self._shape))
+            else:
+                # δ = A⁻¹ Jᵀ r
+                rhs = self.jacobian.vjp(self.residuals.reshape(self._shape))
+                report = system.solve(rhs, callback=callback)
+                delta = report.solution
+            if choices.solver == "cg":
+                residual = report.true_residual_norms
+                stage.note(
+                    iterations=int(report.n_iter.max()),
+                    residual=float(residual.max()),
+                    tol=self.tol,
+                )
         # ‖r‖² and n·k over the shards, for the evidence
         reduction, r = self.jacobian.reduction, self.residuals
         self.residual_sq_norm = reduction.sum_float(r @ r)
         self.n_rows = int(reduction.sum_float(r.numel()))
         self.condition_number = None
         if choices.solver == "cg":
-            self.condition_number = system.condition_number(generator)
+            with stages("condition number"):
+                self.condition_number = system.condition_number(generator)
         variance_system = system
         factored = choices.variance == "exact" and choices.solver == "cg"
         if factored and operator.size <= policy.variance_factor_max_size:
             # exact variances from one dense factor, whatever n: a Cholesky solve
             # per test batch instead of a CG solve
             dense = LinearSystem(operator, solver="dense", tol=self.tol)
-            what = f"{self.space}-space system"
-            try:
-                dense.check_dense(what, _ADVICE["memory"], gram_held=gram is not None)
-                dense.build(gram=gram, what=what, advice=_ADVICE)
-            except (MemoryError, ValueError):
-                # too large for memory now, or not positive definite in this dtype
-                # (float32 at a tiny noise): CG solves per test batch instead,
-                # which a data-parallel fit's predictions cannot make
-                if self.jacobian.reduction.distributed:
-                    raise
-                dense = system
+            with stages("variance factor", size=operator.size) as stage:
+                try:
+                    dense.check_dense(what, _ADVICE["memory"], gram_held=gram is not None)
+                    dense.build(gram=gram, what=what, advice=_ADVICE)
+                except (MemoryError, ValueError):
+                    # too large for memory now, or not positive definite in this
+                    # dtype (float32 at a tiny noise): CG solves per test batch,
+                    # which a data-parallel fit's predictions cannot make
+                    if self.jacobian.reduction.distributed:
+                        raise
+                    dense = system
+                    stage.note(fallback="CG per test batch")
             variance_system = dense
         ranks = [0 if low_rank is None else low_rank.rank]
         ranks.append(getattr(preconditioner, "rank", 0))

@@ -41,6 +41,7 @@ import math
 
 import torch
 
+from .._stages import NO_STAGES
 from .operators import FunctionOperator, ParameterOperator, blockwise, psd_sqrt
 from .system import LinearSystem, build_preconditioner
 
@@ -150,7 +151,7 @@ class LaplacePosterior:
         one_hot = torch.nn.functional.one_hot(labels, n_classes).to(offsets.dtype)
         self._targets = one_hot[:, n_classes - self.n_logits :]
 
-    def fit(self, *, start=None, gram=None, generator=None, callback=None, report=None):
+    def fit(self, *, start=None, gram=None, generator=None, stages=NO_STAGES):
         """Find the MAP by Newton's method and build H there.
 
         Parameters
@@ -164,11 +165,9 @@ class LaplacePosterior:
             the dense function-space solver; None assembles it there.
         generator : torch.Generator or None
             For the Nyström sketches.
-        callback : callable or None
-            CG progress callback for the Newton steps.
-        report : callable or None
-            Called as ``report(iteration, objective, gradient_norm, step_size,
-            cg_iterations)`` after every Newton iteration.
+        stages : Stages
+            Where the Gram matrix and Newton's method (a step per iteration:
+            objective, gradient norm, step size, CG iterations) are reported.
 
         Returns
         -------
@@ -181,9 +180,18 @@ class LaplacePosterior:
         if self.choices.space == "function" and self.choices.solver == "dense":
             # G = J Jᵀ, assembled once: only Λ changes between Newton iterations
             if gram is None:
-                gram = FunctionOperator(self.jacobian, prior=1.0, shift=1.0).gram_dense()
+                operator = FunctionOperator(self.jacobian, prior=1.0, shift=1.0)
+                with stages("Gram matrix", size=operator.size):
+                    gram = operator.gram_dense()
             self.gram = gram
-        self.probs = self._newton(start, callback, report)
+        with stages("Newton's method", total=self.max_newton_iter) as stage:
+            self.probs = self._newton(start, stage)
+            stage.note(
+                prior=self.prior,
+                iterations=self.n_iter,
+                cg_iterations=self.cg_iterations,
+                gradient_norm=self.gradient_norm,
+            )
         self.system = self._system(self.probs)
         return self
 
@@ -232,24 +240,24 @@ class LaplacePosterior:
             preconditioner=preconditioner, gram=self.gram, what=what, advice=_ADVICE
         )
 
-    def _inverse(self, system, G, tol, callback):
+    def _inverse(self, system, G, tol):
         """H⁻¹ G for G of shape (p, m), and the CG report.
 
         Function space, eq. (3): H⁻¹ G = s G - s Jᵀ Λ^½ B⁻¹ Λ^½ J (s G).
         """
         if self.choices.space == "parameter":
-            result = system.solve(G, tol=tol, callback=callback)
+            result = system.solve(G, tol=tol)
             return result.solution, result
         root = system.operator.root
         sG = self.prior * G
         rhs = blockwise(root, self.jacobian.jvp(sG))
-        result = system.solve(rhs.reshape(system.size, -1), tol=tol, callback=callback)
+        result = system.solve(rhs.reshape(system.size, -1), tol=tol)
         back = blockwise(root, result.solution.reshape(rhs.shape))
         return sG - self.prior * self.jacobian.vjp(back), result
 
     def inverse(self, G):
         """H⁻¹ G at δ̂ for G of shape (p, m), to ``tol``, and the CG report."""
-        return self._inverse(self.system, G, self.tol, None)
+        return self._inverse(self.system, G, self.tol)
 
     # -- eqs. (1) and (2) ---------------------------------------------------------------
 
@@ -271,9 +279,9 @@ class LaplacePosterior:
 
     # -- Newton's method ------------------------------------------------------------------
 
-    def _newton(self, start, callback, report):
-        """Minimize eq. (1) from ``start`` (None: 0); sets the Newton attributes (see
-        the class docstring).
+    def _newton(self, start, stage):
+        """Minimize eq. (1) from ``start`` (None: 0), a step of ``stage`` per
+        iteration; sets the Newton attributes (see the class docstring).
 
         Returns the probabilities π at δ̂.
         """
@@ -291,12 +299,12 @@ class LaplacePosterior:
         stopping = self.tol * initial_norm
         self.cg_iterations = self.unconverged_solves = self.drifted_solves = 0
         self.converged = self.stalled = False
-        for iteration in range(1, self.max_newton_iter + 1):
+        iteration = 0
+        while iteration < self.max_newton_iter:
+            iteration += 1
             forcing = self._forcing(gradient_norm, initial_norm)
             # the system is dropped once solved: one (and its factor) at a time
-            step, solve = self._inverse(
-                self._system(probs), -gradient[:, None], forcing, callback
-            )
+            step, solve = self._inverse(self._system(probs), -gradient[:, None], forcing)
             cg_iterations = int(solve.n_iter.max())
             self.cg_iterations += cg_iterations
             self.unconverged_solves += not solve.all_converged
@@ -314,8 +322,12 @@ class LaplacePosterior:
             logits = logits + step_size * direction
             gradient = self._gradient(probs, delta)
             gradient_norm = float(torch.linalg.vector_norm(gradient))
-            if report is not None:
-                report(iteration, objective, gradient_norm, step_size, cg_iterations)
+            stage.step(
+                objective=objective,
+                gradient_norm=gradient_norm,
+                step_size=step_size,
+                cg_iterations=cg_iterations,
+            )
             if gradient_norm <= stopping:
                 self.converged = True
                 break

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CGResult", "conjugate_gradient"]
+__all__ = ["CGResult", "conjugate_gradient", "iteration_limit"]
 
 # A true residual up to this factor above the stopping rule's counts as converged.
 DRIFT_MARGIN = 2.0
@@ -74,6 +74,11 @@ class CGResult:
         return self.drifted is not None and bool(self.drifted.any())
 
 
+def iteration_limit(max_iter, size):
+    """CG's iteration limit per column: ``max_iter``, or 10·``size`` for None."""
+    return 10 * size if max_iter is None else max_iter
+
+
 def conjugate_gradient(
     matmat,
     B,
@@ -120,7 +125,7 @@ def conjugate_gradient(
     vector = B.ndim == 1
     B = B.reshape(B.shape[0], -1)
     d, m = B.shape
-    max_iter = 10 * d if max_iter is None else max_iter
+    max_iter = iteration_limit(max_iter, d)
     precondition = preconditioner if preconditioner is not None else (lambda R: R)
 
     # Setup: X₀ = 0, R₀ = B, Z₀ = M R₀, P₀ = Z₀.
