@@ -29,11 +29,16 @@ class MarginalLikelihoodMixin:
     def _fit_hyperparameters(self, jacobian, residuals, structured, choices, stages):
         """Fit the "auto" ones of noise and prior by the evidence (see
         ``_inference.hyperparameters``): exact from one eigendecomposition with the
-        dense solver, by Lanczos quadrature with CG; stages reported to ``stages``.
-        Returns the Gram matrix (if assembled, for the dense solve), the evidence and
-        the optimum."""
+        dense solver, and with CG in parameter space up to ``Policy.eigen_size``
+        parameters (JᵀJ is accumulated over the data in one pass, and the variance
+        factor reuses it); by Lanczos quadrature otherwise. Stages reported to
+        ``stages``. Returns the Gram matrix (if assembled, for the dense solve or the
+        variance factor), the evidence and the optimum."""
         lanczos = None
-        if choices.solver == "cg":
+        small_fisher = (
+            choices.space == "parameter" and jacobian.n_params <= self._policy.eigen_size
+        )
+        if choices.solver == "cg" and not small_fisher:
             lanczos = self._policy.lanczos_options(self._generator(jacobian.w.device))
         gram, evidence = spectral_evidence(
             jacobian, residuals, choices.space, structured, lanczos, stages
@@ -172,11 +177,11 @@ class MarginalLikelihoodMixin:
 
     def _spectral_evidence(self, method):
         """The evidence for any variances: the fit's if it had the kind ``method``
-        asks for (exact with the dense solver, Lanczos with CG), else the
-        posterior's, built at the first such call and kept."""
+        asks for (exact from an eigendecomposition, or a Lanczos quadrature), else
+        the posterior's, built at the first such call and kept."""
         exact = method == "exact"
         evidence = self._evidence
-        if evidence is not None and (self.solver_ == "dense") == exact:
+        if evidence is not None and evidence.exact == exact:
             return evidence
         lanczos = None
         if not exact:

@@ -15,6 +15,7 @@ from networks import mlp, regression_data
 from torch import nn
 
 from sklearn_fntk import FiniteNTKClassifier, FiniteNTKRegressor, _progress
+from sklearn_fntk._inference.policy import Policy
 
 LOGGER = "sklearn_fntk"
 
@@ -45,9 +46,20 @@ def check_timed(records, caller, names):
     return {name: by_name[name][0] for name in names}
 
 
-def test_cg_fit_logs_every_stage_with_its_time(data, caplog):
+# With CG the evidence is exact (JᵀJ and its eigendecomposition) up to
+# Policy.eigen_size parameters, by Lanczos quadrature above.
+EVIDENCE_STAGES = {
+    "exact": ["Gram matrix", "evidence: eigendecomposition"],
+    "lanczos": ["evidence: Lanczos, quadratic term", "evidence: Lanczos, log-determinant"],
+}
+
+
+@pytest.mark.parametrize("evidence", ["exact", "lanczos"])
+def test_cg_fit_logs_every_stage_with_its_time(data, caplog, evidence):
     X, y, X_test = data
     regressor = FiniteNTKRegressor(mlp(), solver="cg", random_state=0, verbose=1)
+    if evidence == "lanczos":
+        regressor._policy = Policy(eigen_size=0)
     regressor.fit(X, y)
     stages = check_timed(
         stage_records(caplog),
@@ -55,8 +67,7 @@ def test_cg_fit_logs_every_stage_with_its_time(data, caplog):
         [
             "validation and network copy",
             "linearization",
-            "evidence: Lanczos, quadratic term",
-            "evidence: Lanczos, log-determinant",
+            *EVIDENCE_STAGES[evidence],
             "evidence search",
             "preconditioner",
             "solve (cg, parameter space)",

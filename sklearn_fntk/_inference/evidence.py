@@ -150,6 +150,7 @@ class SpectralEvidence:
             raise ValueError("Function-space vectors must be all d eigenvectors of G.")
         self.n_null = self.size - m
         self.space = space
+        self.exact = log_det is None  # not a Lanczos quadrature
         if log_det is None:
             log_det = (self.eigenvalues, torch.ones_like(self.eigenvalues), self.n_null)
         nodes, weights, n_null = log_det
