@@ -60,8 +60,9 @@ class FiniteNTKRegressor(
         number fixes it. The predictive mean depends on noise and prior only
         through their ratio: cross-validating the mean cannot fix both, the
         evidence can. With the dense solver the evidence is exact (one
-        eigendecomposition of J Jᵀ or JᵀJ serves every candidate); with CG it is a
-        matrix-free Lanczos quadrature.
+        eigendecomposition of J Jᵀ or JᵀJ serves every candidate), and with CG in
+        parameter space up to 4096 parameters (``Policy.eigen_size``); otherwise
+        with CG it is a matrix-free Lanczos quadrature.
     prior_mean : {"network", "zero"}, default="network"
         GP prior mean: the trained network's output f_θ(x), or zero.
     parameters : list of str or None, default=None
@@ -184,7 +185,7 @@ class FiniteNTKRegressor(
         GaussianProcessRegressor's ``kernel_`` is to ``kernel``).
     log_marginal_likelihood_value_ : float or None
         The log evidence at ``noise_`` and ``prior_`` found by the "auto" search
-        (exact with the dense solver, the Lanczos estimate with CG); None when both
+        (exact, or the Lanczos estimate: see ``prior``); None when both
         were given as numbers.
     kernel_ : {"layerwise", "autodiff"}
         "layerwise" when the network is Linear layers and elementwise activations
