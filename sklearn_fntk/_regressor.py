@@ -54,8 +54,9 @@ class FiniteNTKRegressor(
         marginal likelihood, as GaussianProcessRegressor fits its kernel, with a
         weak inverse-gamma hyperprior whose mode is 1% of the mean squared residual
         ‖y - m(X)‖²/d, so that a handful of points cannot collapse it to zero (see
-        the user guide, "Choosing noise and prior"). A number fixes it (as in a
-        grid search).
+        the user guide, "Choosing hyperparameters"); with ``prior="auto"`` too, it
+        is integrated out under that hyperprior and the predictive is a Student-t
+        (``predictive_dof_``). A number fixes it (as in a grid search).
     prior : float or "auto", default="auto"
         Prior variance s of the weights around θ: the kernel is s·J(x)J(x')ᵀ.
         "auto" fits it by the marginal likelihood (jointly with an "auto" noise); a
@@ -520,7 +521,8 @@ class FiniteNTKRegressor(
 
         As in scikit-learn's GaussianProcessRegressor, std and cov are of the noise-free
         latent f by default; ``include_noise=True`` makes them those of a new
-        observation y (this argument passes through a Pipeline's ``predict``).
+        observation y (this argument passes through a Pipeline's ``predict``). They
+        are those of the Student-t predictive where ``predictive_dof_`` is finite.
 
         Parameters
         ----------
