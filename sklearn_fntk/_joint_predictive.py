@@ -3,11 +3,14 @@
 matrices and ask the memory guard first.
 
 A mixin of FiniteNTKRegressor: it reads the fitted state (``_posterior``,
-``n_outputs_``, ``_y_ndim``, ``_y_scale``) and the estimator's helpers (``_mean``).
+``n_outputs_``, ``_y_ndim``, ``_y_scale``, ``predictive_dof_``) and the estimator's
+helpers (``_mean``).
 """
 
+import math
 from numbers import Integral
 
+import numpy as np
 import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, validate_parameter_constraints
@@ -37,8 +40,10 @@ class JointPredictiveMixin:
 
         The draws are mean + U·diag(√λ)·z, with U diag(λ) Uᵀ the eigendecomposition
         of the joint covariance (in float64; negative rounding eigenvalues count as
-        0) and z standard normal. Raises MemoryError, before allocating, when the
-        covariance and its eigendecomposition do not fit.
+        0) and z standard normal; for a Student-t predictive (``predictive_dof_`` ν
+        finite), that of the plug-in covariance and z·√(ν/u), u ~ χ²_ν per draw, a
+        draw of the multivariate Student-t. Raises MemoryError, before allocating,
+        when the covariance and its eigendecomposition do not fit.
 
         Parameters
         ----------
@@ -47,7 +52,7 @@ class JointPredictiveMixin:
         n_samples : int, default=1
             Number of draws per test point.
         random_state : int, RandomState instance or None, default=0
-            Seeds the standard normal draws z.
+            Seeds the standard normal draws z (and the χ² draws u).
 
         Returns
         -------
@@ -71,7 +76,12 @@ class JointPredictiveMixin:
         eigenvalues, factor = torch.linalg.eigh(covariance)
         del covariance
         factor.mul_(eigenvalues.clamp_min(0.0).sqrt())  # U diag(√λ), in place
-        normal = torch.from_numpy(rng.standard_normal((rows, n_samples)))
+        normal = rng.standard_normal((rows, n_samples))
+        if math.isfinite(self.predictive_dof_):
+            normal *= np.sqrt(
+                self.predictive_dof_ / rng.chisquare(self.predictive_dof_, n_samples)
+            )
+        normal = torch.from_numpy(normal)
         deviations = (factor @ normal.to(factor.device)).cpu().numpy()
         deviations = deviations.reshape(X.shape[0], self.n_outputs_, n_samples)
         scale = self._numpy(self._y_scale)[:, None]  # model units -> y's

@@ -1,5 +1,6 @@
 """FiniteNTKRegressor: exact GP regression with the finite NTK of a trained network."""
 
+import math
 from numbers import Integral, Real
 
 import numpy as np
@@ -19,6 +20,7 @@ from ._diagnostics import (
     warn,
 )
 from ._inference.gaussian import GaussianPosterior
+from ._inference.hyperparameters import student_t_variance_factor
 from ._joint_predictive import JointPredictiveMixin
 from ._linearize.jacobian import scale_rows
 from ._marginal_likelihood import MarginalLikelihoodMixin
@@ -52,8 +54,9 @@ class FiniteNTKRegressor(
         marginal likelihood, as GaussianProcessRegressor fits its kernel, with a
         weak inverse-gamma hyperprior whose mode is 1% of the mean squared residual
         ‖y - m(X)‖²/d, so that a handful of points cannot collapse it to zero (see
-        the user guide, "Choosing noise and prior"). A number fixes it (as in a
-        grid search).
+        the user guide, "Choosing hyperparameters"); with ``prior="auto"`` too, it
+        is integrated out under that hyperprior and the predictive is a Student-t
+        (``predictive_dof_``). A number fixes it (as in a grid search).
     prior : float or "auto", default="auto"
         Prior variance s of the weights around θ: the kernel is s·J(x)J(x')ᵀ.
         "auto" fits it by the marginal likelihood (jointly with an "auto" noise); a
@@ -183,6 +186,17 @@ class FiniteNTKRegressor(
         The noise and prior variances used: ``noise`` and ``prior`` where they are
         numbers, their evidence-maximising values where they are "auto" (as
         GaussianProcessRegressor's ``kernel_`` is to ``kernel``).
+    predictive_dof_ : float
+        Degrees of freedom ν of the predictive distribution. With ``noise`` and
+        ``prior`` both "auto", the noise variance is integrated out under its
+        inverse-gamma hyperprior (s = λσ², λ = ``prior_ / noise_`` by the evidence,
+        a normal-inverse-gamma model): the predictive of a latent or a new
+        observation is a Student-t with ν = 2 + n·k (n samples, k outputs), centred
+        on the predictive mean, whose scale is the Gaussian plug-in std at
+        ``noise_`` and ``prior_``; stds, covariances and ``sample_y`` are those of
+        the Student-t (variances ν/(ν - 2) times the plug-in's: 1.4 at n·k = 5,
+        1.05 at 40). Otherwise ∞: the Gaussian at ``noise_`` and ``prior_``. See
+        the user guide, "Choosing hyperparameters".
     log_marginal_likelihood_value_ : float or None
         The log evidence at ``noise_`` and ``prior_`` found by the "auto" search
         (exact, or the Lanczos estimate: see ``prior``); None when both
@@ -376,11 +390,12 @@ class FiniteNTKRegressor(
         residuals = targets - outputs if self.prior_mean == "network" else targets
         residuals = scale_rows(residuals, row_scale)
         noise, prior, gram, evidence, lml_value = self.noise, self.prior, None, None, None
+        dof = math.inf
         if "auto" in (noise, prior):
             gram, evidence, best = self._fit_hyperparameters(
                 jacobian, residuals, structured, choices, stages
             )
-            noise, prior = best.noise, best.prior
+            noise, prior, dof = best.noise, best.prior, best.degrees_of_freedom
             lml_value = best.log_marginal_likelihood + log_weight
         posterior = GaussianPosterior(
             jacobian,
@@ -417,6 +432,7 @@ class FiniteNTKRegressor(
                 "forward_mode_": jacobian.forward_mode,
                 "noise_": noise,
                 "prior_": prior,
+                "predictive_dof_": dof,
                 "_evidence": evidence,
                 "log_marginal_likelihood_value_": lml_value,
                 "_posterior": posterior,
@@ -471,7 +487,12 @@ class FiniteNTKRegressor(
         variance = self._latent_variance(X, stages)
         if include_noise:
             variance = variance + self.noise_
-        return variance * self._y_scale**2
+        return variance * self._variance_scale()
+
+    def _variance_scale(self):
+        """Plug-in (co)variances in model units -> predictive ones in y's units: the
+        Student-t's ν/(ν - 2) (1 for a Gaussian predictive) times y's scale²."""
+        return student_t_variance_factor(self.predictive_dof_) * self._y_scale**2
 
     def _shape_outputs(self, array):
         """(m, k) -> (m,) when fitted on a 1-D y."""
@@ -501,7 +522,8 @@ class FiniteNTKRegressor(
 
         As in scikit-learn's GaussianProcessRegressor, std and cov are of the noise-free
         latent f by default; ``include_noise=True`` makes them those of a new
-        observation y (this argument passes through a Pipeline's ``predict``).
+        observation y (this argument passes through a Pipeline's ``predict``). They
+        are those of the Student-t predictive where ``predictive_dof_`` is finite.
 
         Parameters
         ----------
@@ -550,7 +572,7 @@ class FiniteNTKRegressor(
                 cov.diagonal().add_(self.noise_)
             # per-output blocks cov[i, a, j, a] -> (m, m, k), in y's units
             per_output = torch.einsum("iaja->ija", cov.reshape(m, k, m, k))
-            per_output = self._numpy(per_output * self._y_scale**2)
+            per_output = self._numpy(per_output * self._variance_scale())
             return mean, per_output[:, :, 0] if self._y_ndim == 1 else per_output
         return mean
 

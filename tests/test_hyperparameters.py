@@ -9,11 +9,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from reference import reference_posterior
+from reference import reference_jacobian, reference_posterior
+from scipy.optimize import minimize_scalar
+from scipy.special import gammaln
 from torch.func import functional_call, jacrev
 
 from sklearn_fntk import FiniteNTKRegressor
-from sklearn_fntk._inference.hyperparameters import NOISE_MODE
+from sklearn_fntk._inference.hyperparameters import NOISE_MODE, NOISE_SHAPE
 
 TRUE_NOISE, TRUE_PRIOR = 0.05, 0.5
 
@@ -90,6 +92,97 @@ def test_log_marginal_likelihood_at_any_variances_matches_the_reference(
         np.testing.assert_allclose(gradient[i], difference, rtol=1e-5, atol=1e-6)
 
 
+def normal_inverse_gamma_reference(net, X, y, X_test, alpha, beta):
+    """The model with σ² integrated out, in dense float64 (prior_mean="zero"):
+    w | σ² ~ N(0, λσ² I), σ² ~ IG(α, β), so that y | λ is a multivariate Student-t.
+
+    Returns λ maximising log p(y | λ) (scipy on log λ), the posterior (α', β') of σ²
+    there, and a function of λ giving the Student-t predictive's latent variances at
+    X_test (ν/(ν - 2) times the squared scale) and β'/α'.
+    """
+    _, J = reference_jacobian(net, X)
+    _, J_test = reference_jacobian(net, X_test)
+    J, J_test, r = J.numpy(), J_test.numpy(), np.asarray(y, dtype=np.float64)
+    d = len(r)
+    posterior_shape = alpha + d / 2
+
+    def terms(lam):
+        C = lam * J @ J.T + np.eye(d)
+        L = np.linalg.cholesky(C)
+        quadratic = np.sum(np.linalg.solve(L, r) ** 2)
+        return C, L, beta + quadratic / 2
+
+    def negative_log_evidence(log_lam):
+        _, L, posterior_scale = terms(np.exp(log_lam))
+        return -(
+            gammaln(posterior_shape) - gammaln(alpha) + alpha * np.log(beta)
+            - posterior_shape * np.log(posterior_scale)
+            - np.sum(np.log(np.diag(L))) - d / 2 * np.log(2 * np.pi)
+        )  # fmt: skip
+
+    best = minimize_scalar(
+        negative_log_evidence, bounds=(-30, 30), method="bounded", options={"xatol": 1e-10}
+    )
+
+    def predictive(lam):
+        C, _, posterior_scale = terms(lam)
+        cross = lam * J_test @ J.T
+        unit = lam * np.sum(J_test**2, 1) - np.sum(cross * np.linalg.solve(C, cross.T).T, 1)
+        return posterior_scale / (
+            posterior_shape - 1
+        ) * unit, posterior_scale / posterior_shape
+
+    return np.exp(best.x), predictive
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_auto_predictive_is_the_student_t_with_the_noise_integrated_out(
+    network_and_data, space
+):
+    """Both "auto": the fitted ratio s/σ² maximises the evidence with σ² integrated
+    under its inverse-gamma hyperprior, noise_ is the mode of σ²'s posterior (in log
+    σ²), and stds and covariances are the Student-t's, ν = 2α + d."""
+    net, X, y = network_and_data
+    X, y, X_test = X[:12], y[:12], X[100:110]
+    reg = FiniteNTKRegressor(net, prior_mean="zero", space=space, solver="dense")
+    reg.fit(X, y)
+    alpha = NOISE_SHAPE
+    beta = alpha * NOISE_MODE * np.mean(y**2)
+    lam, predictive = normal_inverse_gamma_reference(net, X, y, X_test, alpha, beta)
+    assert reg.predictive_dof_ == 2 * alpha + len(y)
+    assert reg.space_ == space
+    np.testing.assert_allclose(reg.prior_ / reg.noise_, lam, rtol=1e-5)
+    variance, noise_mode = predictive(reg.prior_ / reg.noise_)
+    np.testing.assert_allclose(reg.noise_, noise_mode, rtol=1e-9)
+    np.testing.assert_allclose(reg.predict_std(X_test) ** 2, variance, rtol=1e-8)
+    nu = reg.predictive_dof_
+    with_noise = variance + nu / (nu - 2) * reg.noise_
+    _, std = reg.predict(X_test, return_std=True, include_noise=True)
+    np.testing.assert_allclose(std**2, with_noise, rtol=1e-8)
+    _, cov = reg.predict(X_test, return_cov=True, include_noise=True)
+    np.testing.assert_allclose(np.diag(cov), with_noise, rtol=1e-8)
+
+
+def test_student_t_draws_are_the_gaussian_draws_rescaled(network_and_data):
+    """sample_y with ν finite: mean + (Gaussian deviation)·√(ν/u), u ~ χ²_ν per draw,
+    with the Gaussian deviation of the plug-in at noise_ and prior_."""
+    net, X, y = network_and_data
+    X, y, X_test = X[:12], y[:12], X[100:105]
+    student = FiniteNTKRegressor(net, prior_mean="zero").fit(X, y)
+    plug_in = FiniteNTKRegressor(
+        net, noise=student.noise_, prior=student.prior_, prior_mean="zero"
+    ).fit(X, y)
+    assert plug_in.predictive_dof_ == np.inf
+    draws = student.sample_y(X_test, n_samples=4, random_state=3)
+    gaussian = plug_in.sample_y(X_test, n_samples=4, random_state=3)
+    rng = np.random.RandomState(3)
+    rng.standard_normal((len(X_test), 4))  # the normal draws come first
+    nu = student.predictive_dof_
+    scale = np.sqrt(nu / rng.chisquare(nu, 4))
+    mean = plug_in.predict(X_test)[:, None]
+    np.testing.assert_allclose(draws - mean, (gaussian - mean) * scale, rtol=1e-8)
+
+
 def test_one_auto_the_other_fixed(network_and_data):
     net, X, y = network_and_data
     reg = FiniteNTKRegressor(net, noise=0.05, prior_mean="zero").fit(X[:200], y[:200])
@@ -98,6 +191,12 @@ def test_one_auto_the_other_fixed(network_and_data):
     assert abs(gradient[1]) < 1e-4  # the prior alone maximises the evidence
     fixed_prior = FiniteNTKRegressor(net, prior=0.5, prior_mean="zero").fit(X, y)
     assert fixed_prior.prior_ == 0.5 and fixed_prior.noise_ != "auto"
+    # not conjugate with one variance fixed: the Gaussian at the fitted pair
+    assert reg.predictive_dof_ == fixed_prior.predictive_dof_ == np.inf
+    plain = FiniteNTKRegressor(net, noise=0.05, prior=reg.prior_, prior_mean="zero")
+    np.testing.assert_array_equal(
+        reg.predict_std(X[:5]), plain.fit(X[:200], y[:200]).predict_std(X[:5])
+    )
 
 
 @pytest.mark.parametrize("space", ["function", "parameter"])
