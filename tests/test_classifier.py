@@ -26,6 +26,9 @@ from sklearn_fntk import FiniteNTKClassifier
 from sklearn_fntk._inference.policy import Policy
 
 NAMES = np.array(["ant", "bee", "cat"])
+# The probit link's exact path (the low-rank one is tested on its own, within its
+# stated error).
+EXACT_PROBIT = Policy(probit_error=None)
 
 
 def mlp(n_in=2, n_out=3, hidden=12, seed=0):
@@ -84,7 +87,9 @@ def reference_case(request):
 @pytest.mark.parametrize("path", list(PATHS))
 def test_matches_dense_reference(reference_case, path):
     net, X, y, X_test, reference = reference_case
-    clf = FiniteNTKClassifier(net, prior=2.0, tol=1e-10, **PATHS[path]).fit(X, y)
+    clf = FiniteNTKClassifier(net, prior=2.0, tol=1e-10, **PATHS[path])
+    clf._policy = EXACT_PROBIT
+    clf.fit(X, y)
     np.testing.assert_array_equal(clf.classes_, reference["classes"])
     assert (clf.space_, clf.solver_) == (PATHS[path]["space"], PATHS[path]["solver"])
     np.testing.assert_allclose(clf.delta_.numpy(), reference["delta"], rtol=1e-6, atol=1e-9)
@@ -130,9 +135,38 @@ def test_prior_mean_zero_matches_reference():
     net = mlp()
     reference = laplace_reference(net, X, y, X, prior=0.5, prior_mean="zero")
     clf = FiniteNTKClassifier(net, prior=0.5, prior_mean="zero", link="probit", tol=1e-10)
+    clf._policy = EXACT_PROBIT
     clf.fit(X, y)
     expected = probit_proba(reference["mean"], reference["cov"])
     np.testing.assert_allclose(clf.predict_proba(X), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["parameter-dense", "function-dense"])
+@pytest.mark.parametrize("probit_error", [1e-3, 1e-12], ids=["low-rank", "fallback"])
+def test_low_rank_probit_within_its_error(reference_case, path, probit_error):
+    """The probit link from the low-rank covariance, truncated hard here (weights
+    above 0.05 kept), stays within ``probit_error`` of the exact probit formula on
+    the dense reference's covariances; its variances exceed the exact ones by at
+    most their stated bound; a bound above ``probit_error`` (1e-12: every point)
+    falls back to the exact covariance."""
+    net, X, y, X_test, reference = reference_case
+    clf = FiniteNTKClassifier(net, prior=2.0, link="probit", tol=1e-10, **PATHS[path])
+    clf._policy = Policy(probit_error=probit_error, probit_tail_weight=0.05)
+    clf.fit(X, y)
+    low_rank = clf._posterior.low_rank()
+    n_logits = reference["mean"].shape[1]
+    assert 0 < low_rank.rank < len(X) * n_logits and low_rank.tail_weight > 0
+    variance, overestimate = clf._posterior.variances(torch.as_tensor(X_test))
+    excess = variance.numpy() - np.diagonal(reference["cov"], axis1=1, axis2=2)
+    assert excess.max() > 1e-6  # truncated: the variances are not the exact ones
+    assert excess.min() > -1e-9 and (excess <= overestimate.numpy() + 1e-9).all()
+    expected = probit_proba(reference["mean"], reference["cov"])
+    proba = clf.predict_proba(X_test)
+    assert np.abs(proba - expected).max() <= max(probit_error, 1e-9)
+    # the low-rank covariance, built at the first probit call, pickles with the fit
+    restored = pickle.loads(pickle.dumps(clf))
+    assert restored._posterior.__dict__.get("_low_rank") is not None
+    np.testing.assert_array_equal(restored.predict_proba(X_test), proba)
 
 
 # -- the links ----------------------------------------------------------------------------

@@ -38,10 +38,12 @@ logit mean μ* = m(x*) + J* δ̂ and covariance Σ* = J* H⁻¹ J*ᵀ (k x k), c
 """
 
 import math
+import threading
 
 import torch
 
 from .._stages import NO_STAGES
+from .low_rank import low_rank_from_eigenpairs
 from .operators import FunctionOperator, ParameterOperator, blockwise, psd_sqrt
 from .system import LinearSystem, build_preconditioner
 
@@ -50,6 +52,8 @@ __all__ = ["LaplacePosterior", "class_logits"]
 # Armijo's sufficient-decrease constant and the backtracking limit of the line search.
 _ARMIJO = 1e-4
 _MAX_HALVINGS = 40
+# Guards the low-rank covariance built at the first probit prediction (one per posterior).
+_LOW_RANK_LOCK = threading.Lock()
 _ADVICE = {
     "memory": "use solver='cg', or space='auto'",
     "definite": ("lower prior",),
@@ -386,3 +390,69 @@ class LaplacePosterior:
         report : CGResult
         """
         return self.system.covariance(X, "blocks", parameter_scale=1.0)
+
+    def low_rank(self):
+        """The low-rank Laplace covariance for the probit link, or None where it
+        is not used (``policy.probit_error`` None, a CG fit, or a system larger
+        than ``policy.eigen_size``).
+
+        With the eigenpairs (f_j, v_j) of JᵀΛJ (from those of Λ^½ J Jᵀ Λ^½ in
+        function space), H⁻¹ = s·(I - Σ_j w_j v_j v_jᵀ) with w_j = s f_j/(1 + s f_j);
+        the directions of weight above ``policy.probit_tail_weight`` are kept. Built
+        at the first call from the fit's Cholesky factor L (L Lᵀ = H, or B = I +
+        s·Λ^½ J Jᵀ Λ^½: no training products in parameter space, so after a
+        data-parallel fit too) and kept, under a lock; thread-safe.
+
+        Returns
+        -------
+        LowRankVariance or None
+        """
+        policy, operator = self.policy, self.system.operator
+        if (
+            policy.probit_error is None
+            or self.choices.solver != "dense"
+            or operator.size > policy.eigen_size
+        ):
+            return None
+        with _LOW_RANK_LOCK:
+            low_rank = self.__dict__.get("_low_rank")
+            if low_rank is None:
+                factor = self.system.factor
+                curved = factor @ factor.T  # P + shift·I
+                curved.diagonal().sub_(operator.shift)
+                if self.choices.space == "function":  # P = s·Λ^½ J Jᵀ Λ^½
+                    curved /= self.prior
+                low_rank = low_rank_from_eigenpairs(
+                    operator,
+                    prior=self.prior,
+                    noise=1.0,
+                    rank=None,
+                    gram=curved,
+                    policy=policy,
+                    min_weight=policy.probit_tail_weight,
+                )
+                self._low_rank = low_rank
+        return low_rank
+
+    def variances(self, X):
+        """Low-rank logit variances at test inputs X and a bound on their error.
+
+        Parameters
+        ----------
+        X : torch.Tensor of shape (m, ...)
+
+        Returns
+        -------
+        variance, overestimate : torch.Tensor of shape (m, k)
+            The variances never fall below the exact ones, and exceed them by at
+            most ``overestimate`` (see :meth:`LowRankVariance.diagonal`). None
+            where :meth:`low_rank` is.
+        """
+        low_rank = self.low_rank()
+        if low_rank is None:
+            return None
+        variance, overestimate = low_rank.diagonal(
+            self.system.operator, X, self.prior, return_bound=True
+        )
+        shape = (X.shape[0], self.n_logits)
+        return variance.reshape(shape), overestimate.reshape(shape)

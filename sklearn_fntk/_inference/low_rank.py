@@ -50,10 +50,20 @@ class LowRankVariance:
     def rank(self):
         return int(self.weights.numel())
 
-    def diagonal(self, operator, X, prior):
-        """s·(‖J*‖² - Σ_j w_j (J* v_j)²) per test row of inputs X, shape (m·k,)."""
+    def diagonal(self, operator, X, prior, return_bound=False):
+        """s·(‖J*‖² - Σ_j w_j (J* v_j)²) per test row of inputs X, shape (m·k,).
+
+        With ``return_bound``, also s·w_(r+1)·‖(I - VVᵀ) J*ᵀ‖² per row, shape (m·k,):
+        the left-out directions are orthogonal to V and weigh at most
+        ``tail_weight``, so with exact eigenpairs the variance exceeds the exact
+        one by at most this.
+        """
         prior_variance, JV = operator.test_projections(X, self.vectors)
-        return prior * (prior_variance - (JV**2) @ self.weights)
+        variance = prior * (prior_variance - (JV**2) @ self.weights)
+        if not return_bound:
+            return variance
+        residual = (prior_variance - (JV**2).sum(1)).clamp_min(0.0)
+        return variance, prior * self.tail_weight * residual
 
 
 def _rank_budget(operator, policy):
@@ -62,7 +72,9 @@ def _rank_budget(operator, policy):
     return max(1, policy.low_rank_bytes // (w.numel() * w.element_size()))
 
 
-def low_rank_from_eigenpairs(operator, *, prior, noise, rank, gram, policy):
+def low_rank_from_eigenpairs(
+    operator, *, prior, noise, rank, gram, policy, min_weight=None
+):
     """Exact top eigenpairs (f, V) of JᵀJ and the weights f/(f + c).
 
     One eigendecomposition of G = J Jᵀ = E diag(f) Eᵀ (function space) gives
@@ -70,7 +82,9 @@ def low_rank_from_eigenpairs(operator, *, prior, noise, rank, gram, policy):
     G = JᵀJ and V = E. Keeping the r directions of weight above
     ``policy.low_rank_weight`` (or ``rank`` of them) leaves out at most the next
     weight times s·‖J*‖², exactly. When r is the full rank of J the "low-rank"
-    variance is the exact one.
+    variance is the exact one. With an operator's curvature Λ, J is Λ^½J
+    throughout (G = Λ^½ J Jᵀ Λ^½ or JᵀΛJ, V = JᵀΛ^½ E f^-½): the Laplace
+    covariance H⁻¹ = s·(I - Σ_j w_j v_j v_jᵀ) with c = 1/s, ``noise`` 1.
 
     Parameters
     ----------
@@ -79,8 +93,10 @@ def low_rank_from_eigenpairs(operator, *, prior, noise, rank, gram, policy):
     prior, noise : float
     rank : int or None
     gram : torch.Tensor or None
-        G assembled already.
+        G assembled already (required with a curvature).
     policy : Policy
+    min_weight : float or None, default=None
+        The weight above which directions are kept; None: ``policy.low_rank_weight``.
 
     Returns
     -------
@@ -99,7 +115,8 @@ def low_rank_from_eigenpairs(operator, *, prior, noise, rank, gram, policy):
     keep = int((fisher > torch.finfo(fisher.dtype).eps * op.size * fisher[0]).sum())
     weights = fisher[:keep] / (fisher[:keep] + noise / prior)
     if rank is None:
-        rank = int((weights > policy.low_rank_weight).sum())
+        min_weight = policy.low_rank_weight if min_weight is None else min_weight
+        rank = int((weights > min_weight).sum())
     rank = max(1, min(rank, keep, _rank_budget(op, policy)))
     tail_weight = float(weights[rank]) if rank < keep else 0.0
     # A copy of the kept columns: a view would keep (and pickle) all of E.
@@ -109,7 +126,7 @@ def low_rank_from_eigenpairs(operator, *, prior, noise, rank, gram, policy):
         V = E
     else:
         shape = (op.n_samples, op.n_outputs, rank)
-        V = op.jacobian.vjp(E.reshape(shape)) / fisher.sqrt()
+        V = op.jacobian.vjp(op.curve(E).reshape(shape)) / fisher.sqrt()
     # The same eigenpairs of P (JᵀJ, or s·J Jᵀ) precondition CG optimally.
     scale = 1.0 if parameter_space else prior
     sketch = NystromPreconditioner.from_eigenpairs(E, scale * fisher, op.shift)

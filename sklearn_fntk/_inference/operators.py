@@ -217,7 +217,7 @@ class FunctionOperator(_Operator):
     def size(self):
         return self.n_samples * self.n_outputs
 
-    def _curve(self, U):
+    def curve(self, U):
         """Λ^½ U for U of shape (n·k, m) (U itself for Λ = I)."""
         if self.root is None:
             return U
@@ -233,7 +233,7 @@ class FunctionOperator(_Operator):
 
     def psd_matmat(self, U):
         """s·Λ^½ J Jᵀ Λ^½ U for U of shape (n·k, m)."""
-        return self._curve(self._kernel_matmat(self._curve(U)))
+        return self.curve(self._kernel_matmat(self.curve(U)))
 
     def psd_diagonal(self):
         """diag(s·Λ^½ J Jᵀ Λ^½), shape (n·k,): from the per-sample (k, k) blocks
@@ -331,7 +331,7 @@ class FunctionOperator(_Operator):
                 prior = self.structured.gram(features, features)
                 if mode == "blocks":
                     prior = torch.einsum("iaib->iab", prior.reshape(m, k, m, k))
-            return self.prior * prior, self._curve(self.prior * cross)
+            return self.prior * prior, self.curve(self.prior * cross)
         Jt = self.test_jacobian(X)
         if mode == "diagonal":
             prior = (Jt**2).sum(1)
@@ -344,4 +344,4 @@ class FunctionOperator(_Operator):
         # m·k columns of Jacobian-vector products.
         blocks = self.jacobian.jacobian_blocks()
         cross = torch.cat([J.flatten(0, 1) @ Jt.T for _, J in blocks])
-        return self.prior * prior, self._curve(self.prior * cross)
+        return self.prior * prior, self.curve(self.prior * cross)

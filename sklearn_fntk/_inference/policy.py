@@ -56,6 +56,16 @@ class Policy:
     laplace_evidence_steps : int, default=50
         Lanczos steps per probe of that estimate (log|B| with B ⪰ I: the shift 1
         keeps the small eigenvalues from needing many nodes).
+    probit_error : float or None, default=1e-3
+        The classifier's probit link after a dense fit of size up to ``eigen_size``
+        takes its logit variances from the top eigenpairs of the Laplace precision
+        (kept at the first probit prediction) and accepts probabilities within this
+        of the exact probit formula's; a test point whose guaranteed bound exceeds
+        it gets its exact covariance instead. None: always exact.
+    probit_tail_weight : float, default=1e-3
+        That low-rank covariance keeps the directions of weight above this (on the
+        digits example, 775 of 1797 directions, the largest error 6e-6; see
+        benchmarks/probit_speed.py).
     """
 
     dense_max_size: int = 4096
@@ -72,6 +82,8 @@ class Policy:
     evidence_quadratic_steps: int = 200
     laplace_evidence_probes: int = 32
     laplace_evidence_steps: int = 50
+    probit_error: float | None = 1e-3
+    probit_tail_weight: float = 1e-3
 
     def lanczos_options(self, generator):
         """The options of ``SpectralEvidence.from_lanczos``."""
