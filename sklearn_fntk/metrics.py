@@ -3,17 +3,22 @@
 The predictive mean of the regressor depends on ``noise`` and ``prior`` only through
 their ratio, so a score of the mean (R², the default of ``GridSearchCV``) cannot fix
 both; the log predictive density of held-out targets, with the noise included, can.
+With noise and prior both "auto" the regressor's predictive is a Student-t
+(``predictive_dof_``); the scorer scores that density.
 """
 
 import numpy as np
+from scipy.stats import t as student_t
 
 __all__ = ["log_predictive_density_scorer", "mean_log_predictive_density"]
 
 
-def mean_log_predictive_density(y_true, y_mean, y_std):
-    """Mean Gaussian log density of the targets under the predictive distributions.
+def mean_log_predictive_density(y_true, y_mean, y_std, *, dof=np.inf):
+    """Mean log density of the targets under the predictive distributions.
 
     (1/N) Σ log N(y_i | μ_i, σ_i²) over every sample and output; higher is better.
+    With finite ``dof`` ν the predictive distributions are Student-t's with ν degrees
+    of freedom and standard deviations σ_i (scale σ_i·√((ν - 2)/ν)).
 
     Parameters
     ----------
@@ -23,6 +28,8 @@ def mean_log_predictive_density(y_true, y_mean, y_std):
         Predictive means.
     y_std : array-like of the shape of ``y_true``
         Predictive standard deviations of the targets (noise included), positive.
+    dof : float, default=inf
+        Degrees of freedom of a Student-t predictive (above 2); inf for Gaussian.
 
     Returns
     -------
@@ -50,6 +57,11 @@ def mean_log_predictive_density(y_true, y_mean, y_std):
         )
     if not np.all(y_std > 0):
         raise ValueError("y_std must be positive.")
+    if not dof > 2:
+        raise ValueError(f"dof must be above 2 (a finite standard deviation); got {dof}.")
+    if np.isfinite(dof):
+        scale = y_std * np.sqrt((dof - 2) / dof)
+        return float(np.mean(student_t.logpdf(y_true, dof, loc=y_mean, scale=scale)))
     z = (y_true - y_mean) / y_std
     return float(np.mean(-0.5 * z**2 - np.log(y_std) - 0.5 * np.log(2 * np.pi)))
 
@@ -61,7 +73,9 @@ def log_predictive_density_scorer(estimator, X, y):
     it calls ``estimator.predict(X, return_std=True, include_noise=True)``, so it
     works with :class:`~sklearn_fntk.FiniteNTKRegressor` and with a
     :class:`~sklearn.pipeline.Pipeline` that ends in one (a pipeline passes these
-    arguments to its last step).
+    arguments to its last step). The density is the Student-t of the regressor's
+    ``predictive_dof_`` where it is finite (noise and prior both "auto"), else the
+    Gaussian.
 
     Parameters
     ----------
@@ -95,4 +109,7 @@ def log_predictive_density_scorer(estimator, X, y):
     ... )
     """
     mean, std = estimator.predict(X, return_std=True, include_noise=True)
-    return mean_log_predictive_density(np.asarray(y).reshape(np.shape(mean)), mean, std)
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    dof = float(getattr(final, "predictive_dof_", np.inf))
+    y = np.asarray(y).reshape(np.shape(mean))
+    return mean_log_predictive_density(y, mean, std, dof=dof)
