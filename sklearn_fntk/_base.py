@@ -288,12 +288,19 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
                 f"{n_expected} output(s) per sample."
             )
 
-    def _training_jacobian(self, network, X, cache, row_scale=None):
+    def _training_jacobian(self, network, X, cache, row_scale=None, layerwise=False):
         """JacobianProducts over the training inputs X (a tensor) at θ, with the
         network's outputs and Jacobian checked to be finite.
 
         ``row_scale`` (a tensor (n,) or None) scales each sample's rows of J.
+        ``layerwise``: take the products from the layerwise kernel's per-layer
+        features (where :meth:`_layerwise` holds) instead of autograd.
         """
+        structured = None
+        if layerwise:
+            structured = LayerwiseKernel(
+                network, X, batch_size=self.batch_size, row_scale=row_scale
+            )
         jacobian = JacobianProducts(
             network,
             network.theta,
@@ -301,6 +308,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
             batch_size=self.batch_size,
             cache_bytes=LINEARIZATION_CACHE_BYTES if cache else 0,
             row_scale=row_scale,
+            structured=structured,
         )
         check_finite(
             jacobian.outputs,

@@ -304,11 +304,14 @@ class FiniteNTKRegressor(
                 "conditioning (predicted means were measured 14% off although CG "
                 "converged). Use fisher_product='exact' or dtype='float64'."
             )
+        iterative = choices.solver == "cg" and structured is None and not finite_difference
         jacobian = self._training_jacobian(
             network,
             X,
-            cache=choices.solver == "cg" and structured is None and not finite_difference,
+            cache=iterative,
             row_scale=row_scale,
+            # parameter space: products from per-layer features, no autograd
+            layerwise=iterative and self._layerwise(network),
         )
         # r = y - m(X), with m(X) = f_θ(X) or 0, scaled like J's rows
         targets = self._targets(Y, theta)
