@@ -116,12 +116,31 @@ def low_rank_from_eigenpairs(operator, *, prior, noise, rank, gram, policy):
     return LowRankVariance(sketch, V, weights, tail_weight)
 
 
+def _transposed_basis(jacobian, U):
+    """C = Jᵀ Q for an orthonormal basis Q of range(J U), U of shape (p, r), from
+    one pass over the data: the Fisher product F U = Jᵀ(J U) (explicit blocks built
+    once for both products), never the (n·k, r) matrix J U itself.
+
+    With M = Uᵀ F U = (J U)ᵀ(J U) = E diag(μ) Eᵀ, Q = J U E μ^-½ is orthonormal and
+    Jᵀ Q = F U E μ^-½. Directions with μ at rounding level of μ_max (M is formed in
+    the working dtype) are left out: Q then spans part of range(J U), and the bound
+    of :func:`low_rank_from_sketch` holds for any orthonormal Q.
+    """
+    FU = jacobian.fisher_product(U)
+    M = (U.T @ FU).to(torch.float64)
+    mu, E = torch.linalg.eigh(0.5 * (M + M.T))
+    rounding = torch.finfo(U.dtype).eps * U.shape[0] ** 0.5 * mu.max().clamp_min(0.0)
+    keep = mu > rounding
+    return FU @ (E[:, keep] / mu[keep].sqrt()).to(U.dtype)
+
+
 def low_rank_from_sketch(operator, *, prior, noise, rank, generator, policy):
     """Eigenpairs (f, V) of JᵀJ and the weights f/(f + c), from a Nyström sketch.
 
     The sketch of P gives the dominant subspace; U (n·k, r) is an orthonormal basis
     of it in function space (the sketch's eigenvectors there; in parameter space,
-    those of JᵀJ mapped through J and orthonormalised). With C = Jᵀ U and
+    those of JᵀJ mapped through J and orthonormalised, with C = Jᵀ U from one Fisher
+    product, see :func:`_transposed_basis`). With C = Jᵀ U and
     CᵀC = UᵀJJᵀU = Q diag(f) Qᵀ, V = C Q f^-½ is exactly orthonormal and
 
         V diag(f/(f + c)) Vᵀ = Jᵀ U (Uᵀ(JJᵀ + cI)U)⁻¹ Uᵀ J ⪯ Jᵀ (JJᵀ + cI)⁻¹ J,
@@ -157,9 +176,10 @@ def low_rank_from_sketch(operator, *, prior, noise, rank, generator, policy):
     jacobian = operator.jacobian
     U = sketch.eigenvectors[:, sketch.eigenvalues > 0].to(jacobian.w.dtype)
     if isinstance(operator, ParameterOperator):
-        U = torch.linalg.qr(jacobian.jvp(U).reshape(-1, U.shape[1])).Q
-    shape = (operator.n_samples, operator.n_outputs, U.shape[1])
-    C = jacobian.vjp(U.reshape(shape))
+        C = _transposed_basis(jacobian, U)
+    else:
+        shape = (operator.n_samples, operator.n_outputs, U.shape[1])
+        C = jacobian.vjp(U.reshape(shape))
     fisher, Q = torch.linalg.eigh(C.T @ C)
     fisher, Q = fisher.flip(0), Q.flip(1)  # descending
     keep = fisher > torch.finfo(fisher.dtype).eps * fisher[0]
