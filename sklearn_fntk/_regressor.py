@@ -149,8 +149,9 @@ class FiniteNTKRegressor(
         were given as numbers.
     kernel_ : {"layerwise", "autodiff"}
         "layerwise" when the network is Linear layers and elementwise activations
-        and the solve is in function space: kernel products, diagonals and columns
-        then come from per-layer features (two matmuls per layer), not autodiff.
+        and the solve is in function space, or in parameter space with CG: kernel
+        products, Jacobian products, diagonals and columns then come from
+        per-layer features (a few matmuls per layer), not autodiff.
     preconditioner_, variance_ : str or None
         The resolved preconditioner and variance method.
     rank_ : int
@@ -360,7 +361,11 @@ class FiniteNTKRegressor(
                 "preconditioner_": choices.preconditioner,
                 "variance_": choices.variance,
                 "_log_weight": log_weight,
-                "kernel_": "layerwise" if structured is not None else "autodiff",
+                "kernel_": (
+                    "layerwise"
+                    if structured is not None or jacobian.structured is not None
+                    else "autodiff"
+                ),
                 "forward_mode_": jacobian.forward_mode,
                 "noise_": noise,
                 "prior_": prior,

@@ -15,6 +15,7 @@ from reference import reference_jacobian, reference_posterior
 from torch.func import jvp
 
 from sklearn_fntk import FiniteNTKRegressor
+from sklearn_fntk._inference.low_rank import _transposed_basis
 from sklearn_fntk._linearize.jacobian import (
     EXPLICIT_MIN_COLUMNS,
     JacobianProducts,
@@ -36,9 +37,7 @@ def assert_close(actual, expected, rtol=RTOL):
     )
 
 
-def setup(
-    module, X, parameters=None, batch_size=7, cache_bytes=UNCACHED, layerwise=False
-):
+def setup(module, X, parameters=None, batch_size=7, cache_bytes=UNCACHED, layerwise=False):
     """(JacobianProducts, reference outputs (n, k), reference J (n*k, p))."""
     network = FunctionalNetwork(module, parameters, dtype=torch.float64, device="cpu")
     X_tensor = torch.as_tensor(X)
@@ -248,3 +247,17 @@ def test_regressor_with_forward_mode_reports_it():
     X, Y, _ = regression_data(n=10, seed=18)
     est = FiniteNTKRegressor(mlp(seed=18), noise=0.1).fit(X, Y[:, 0])
     assert est.forward_mode_ is True
+
+
+@pytest.mark.parametrize("block_rows", [7, 10**6], ids=["blockwise", "one-qr"])
+def test_transposed_basis_projects_onto_the_range_of_J_U(block_rows):
+    """Jᵀ Q for an orthonormal basis Q of range(J U), orthonormalised block by block
+    in place (or by one QR): C Cᵀ = Jᵀ P J, P the projector onto range(J U)."""
+    X, _, _ = regression_data(n=40, n_outputs=2, seed=17)
+    products, _, J = setup(mlp(n_out=2, seed=17), X, None, 16)
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(J.shape[1], 6, generator=g, dtype=torch.float64)).Q
+    C = _transposed_basis(products, U, block_rows=block_rows)
+    W = J @ U
+    projector = W @ torch.linalg.pinv(W)
+    assert_close(C @ C.T, J.T @ projector @ J)

@@ -116,22 +116,26 @@ def low_rank_from_eigenpairs(operator, *, prior, noise, rank, gram, policy):
     return LowRankVariance(sketch, V, weights, tail_weight)
 
 
-def _transposed_basis(jacobian, U):
-    """C = Jᵀ Q for an orthonormal basis Q of range(J U), U of shape (p, r), from
-    one pass over the data: the Fisher product F U = Jᵀ(J U) (explicit blocks built
-    once for both products), never the (n·k, r) matrix J U itself.
+def _transposed_basis(jacobian, U, block_rows=1 << 16):
+    """C = Jᵀ Q for an orthonormal basis Q of range(J U), U of shape (p, r).
 
-    With M = Uᵀ F U = (J U)ᵀ(J U) = E diag(μ) Eᵀ, Q = J U E μ^-½ is orthonormal and
-    Jᵀ Q = F U E μ^-½. Directions with μ at rounding level of μ_max (M is formed in
-    the working dtype) are left out: Q then spans part of range(J U), and the bound
-    of :func:`low_rank_from_sketch` holds for any orthonormal Q.
+    W = J U is orthonormalised in place, without the copies of a dense QR: R from a
+    QR of ``block_rows`` rows of W at a time, stacked under the previous R (the
+    R factor of W, as stable as one QR of W), then each block W_b ← W_b R⁻¹. A
+    Cholesky factor of WᵀW (from one Fisher product, F U) would square W's
+    conditioning and lose the small Ritz values in float32.
     """
-    FU = jacobian.fisher_product(U)
-    M = (U.T @ FU).to(torch.float64)
-    mu, E = torch.linalg.eigh(0.5 * (M + M.T))
-    rounding = torch.finfo(U.dtype).eps * U.shape[0] ** 0.5 * mu.max().clamp_min(0.0)
-    keep = mu > rounding
-    return FU @ (E[:, keep] / mu[keep].sqrt()).to(U.dtype)
+    W = jacobian.jvp(U).reshape(-1, U.shape[1])
+    shape = (jacobian.n_samples, jacobian.n_outputs, -1)
+    if W.shape[0] <= block_rows:  # small (and maybe wide: fewer rows than r)
+        return jacobian.vjp(torch.linalg.qr(W).Q.reshape(shape))
+    R = W.new_zeros(0, U.shape[1])
+    for start in range(0, W.shape[0], block_rows):
+        R = torch.linalg.qr(torch.cat([R, W[start : start + block_rows]]), mode="r").R
+    for start in range(0, W.shape[0], block_rows):
+        block = W[start : start + block_rows]
+        block.copy_(torch.linalg.solve_triangular(R, block, upper=True, left=False))
+    return jacobian.vjp(W.reshape(shape))
 
 
 def low_rank_from_sketch(operator, *, prior, noise, rank, generator, policy):
@@ -139,8 +143,8 @@ def low_rank_from_sketch(operator, *, prior, noise, rank, generator, policy):
 
     The sketch of P gives the dominant subspace; U (n·k, r) is an orthonormal basis
     of it in function space (the sketch's eigenvectors there; in parameter space,
-    those of JᵀJ mapped through J and orthonormalised, with C = Jᵀ U from one Fisher
-    product, see :func:`_transposed_basis`). With C = Jᵀ U and
+    those of JᵀJ mapped through J and orthonormalised in place, see
+    :func:`_transposed_basis`). With C = Jᵀ U and
     CᵀC = UᵀJJᵀU = Q diag(f) Qᵀ, V = C Q f^-½ is exactly orthonormal and
 
         V diag(f/(f + c)) Vᵀ = Jᵀ U (Uᵀ(JJᵀ + cI)U)⁻¹ Uᵀ J ⪯ Jᵀ (JJᵀ + cI)⁻¹ J,
