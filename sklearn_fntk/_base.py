@@ -297,13 +297,22 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
                 f"{n_expected} output(s) per sample."
             )
 
-    def _training_jacobian(self, network, X, cache, row_scale=None, reduction=LOCAL):
+    def _training_jacobian(
+        self, network, X, cache, row_scale=None, reduction=LOCAL, layerwise=False
+    ):
         """JacobianProducts over the training inputs X (a tensor) at θ, with the
         network's outputs and Jacobian checked to be finite.
 
         ``row_scale`` (a tensor (n,) or None) scales each sample's rows of J;
         ``reduction`` sums its products over the shards of a data-parallel fit.
+        ``layerwise``: take the products from the layerwise kernel's per-layer
+        features (where :meth:`_layerwise` holds) instead of autograd.
         """
+        structured = None
+        if layerwise:
+            structured = LayerwiseKernel(
+                network, X, batch_size=self.batch_size, row_scale=row_scale
+            )
         jacobian = JacobianProducts(
             network,
             network.theta,
@@ -312,6 +321,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
             cache_bytes=LINEARIZATION_CACHE_BYTES if cache else 0,
             row_scale=row_scale,
             reduction=reduction,
+            structured=structured,
         )
         check_finite(
             jacobian.outputs,

@@ -203,8 +203,9 @@ class FiniteNTKRegressor(
         were given as numbers.
     kernel_ : {"layerwise", "autodiff"}
         "layerwise" when the network is Linear layers and elementwise activations
-        and the solve is in function space: kernel products, diagonals and columns
-        then come from per-layer features (two matmuls per layer), not autodiff.
+        and the solve is in function space, or in parameter space with CG: kernel
+        products, Jacobian products, diagonals and columns then come from
+        per-layer features (a few matmuls per layer), not autodiff.
     preconditioner_, variance_ : str or None
         The resolved preconditioner and variance method.
     rank_ : int
@@ -370,15 +371,16 @@ class FiniteNTKRegressor(
                 "conditioning (predicted means were measured 14% off although CG "
                 "converged). Use fisher_product='exact' or dtype='float64'."
             )
+        iterative = choices.solver == "cg" and structured is None and not finite_difference
         with stages("linearization", samples=X.shape[0], parameters=network.n_params):
             jacobian = self._training_jacobian(
                 network,
                 X,
-                cache=choices.solver == "cg"
-                and structured is None
-                and not finite_difference,
+                cache=iterative,
                 row_scale=row_scale,
                 reduction=reduction,
+                # parameter space: products from per-layer features, no autograd
+                layerwise=iterative and self._layerwise(network),
             )
         # r = y - m(X), with m(X) = f_θ(X) or 0, scaled like J's rows; with
         # normalize_y, y and f_θ(X) in standardized units
@@ -428,7 +430,11 @@ class FiniteNTKRegressor(
                 "preconditioner_": choices.preconditioner,
                 "variance_": choices.variance,
                 "_log_weight": log_weight,
-                "kernel_": "layerwise" if structured is not None else "autodiff",
+                "kernel_": (
+                    "layerwise"
+                    if structured is not None or jacobian.structured is not None
+                    else "autodiff"
+                ),
                 "forward_mode_": jacobian.forward_mode,
                 "noise_": noise,
                 "prior_": prior,

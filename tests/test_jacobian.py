@@ -15,14 +15,18 @@ from reference import reference_jacobian, reference_posterior
 from torch.func import jvp
 
 from sklearn_fntk import FiniteNTKRegressor
+from sklearn_fntk._inference.low_rank import _transposed_basis
 from sklearn_fntk._linearize.jacobian import (
     EXPLICIT_MIN_COLUMNS,
     JacobianProducts,
     outputs_and_jvp,
 )
+from sklearn_fntk._linearize.layerwise import LayerwiseKernel
 from sklearn_fntk._linearize.network import FunctionalNetwork
 
 CACHED, UNCACHED = 1 << 30, 0
+# Products by autograd, or from the layerwise kernel's per-layer features.
+LAYERWISE = pytest.mark.parametrize("layerwise", [False, True], ids=["autograd", "layers"])
 RTOL = 1e-10
 
 
@@ -33,15 +37,20 @@ def assert_close(actual, expected, rtol=RTOL):
     )
 
 
-def setup(module, X, parameters=None, batch_size=7, cache_bytes=UNCACHED):
+def setup(module, X, parameters=None, batch_size=7, cache_bytes=UNCACHED, layerwise=False):
     """(JacobianProducts, reference outputs (n, k), reference J (n*k, p))."""
     network = FunctionalNetwork(module, parameters, dtype=torch.float64, device="cpu")
+    X_tensor = torch.as_tensor(X)
+    structured = None
+    if layerwise:
+        structured = LayerwiseKernel(network, X_tensor, batch_size=batch_size)
     products = JacobianProducts(
         network,
         network.theta,
-        torch.as_tensor(X),
+        X_tensor,
         batch_size=batch_size,
         cache_bytes=cache_bytes,
+        structured=structured,
     )
     outputs, J = reference_jacobian(module, X, parameters)
     return products, outputs, J
@@ -98,18 +107,34 @@ def test_cnn_products_match_explicit_jacobian(cache_bytes):
     check_products(products, outputs, J, n_columns=2)
 
 
+@LAYERWISE
 @pytest.mark.parametrize("cache_bytes", [UNCACHED, CACHED], ids=["uncached", "cached"])
-def test_parameter_subset_products(cache_bytes):
+def test_parameter_subset_products(cache_bytes, layerwise):
     X, _, _ = regression_data(n=20, n_outputs=3, seed=12)
     names = ["0.bias", "2.weight"]
-    products, outputs, J = setup(mlp(n_out=3, seed=12), X, names, 6, cache_bytes)
+    module = mlp(n_out=3, seed=12)
+    products, outputs, J = setup(module, X, names, 6, cache_bytes, layerwise)
     assert J.shape[1] == 12 + 3 * 12
     check_products(products, outputs, J)
 
 
-def test_explicit_jacobian_blocks_and_outputs_and_jvp():
+@pytest.mark.parametrize("batch_size", [7, 16, 64])
+# 4 columns through the features' products, 2·EXPLICIT_MIN_COLUMNS (k = 2) through
+# explicit blocks built from them
+@pytest.mark.parametrize("n_columns", [1, 4, 2 * EXPLICIT_MIN_COLUMNS])
+def test_layerwise_products_match_explicit_jacobian(batch_size, n_columns):
+    X, _, _ = regression_data(n=30, n_outputs=2, seed=10)
+    module = mlp(n_out=2, seed=10)
+    products, outputs, J = setup(module, X, None, batch_size, layerwise=True)
+    assert products.cached and products.cached_bytes > 0
+    assert products._explicit_is_cheaper(n_columns) == (n_columns > 4)
+    check_products(products, outputs, J, n_columns=n_columns)
+
+
+@LAYERWISE
+def test_explicit_jacobian_blocks_and_outputs_and_jvp(layerwise):
     X, _, _ = regression_data(n=23, n_outputs=2, seed=13)
-    products, outputs, J = setup(mlp(n_out=2, seed=13), X, None, 5)
+    products, outputs, J = setup(mlp(n_out=2, seed=13), X, None, 5, layerwise=layerwise)
     n, k = outputs.shape
     blocks = [block for _, block in products.jacobian_blocks()]
     assert [b.shape[0] for b in blocks] == [5, 5, 5, 5, 3]
@@ -139,19 +164,21 @@ def test_finite_difference_fisher_product():
     assert_close(products.fisher_product_fd(V), J.T @ (J @ V), rtol=1e-5)
 
 
+@LAYERWISE
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("n_samples", [9, 23])
-def test_subsample_is_a_rescaled_random_subset_of_the_rows(weighted, n_samples):
+def test_subsample_is_a_rescaled_random_subset_of_the_rows(weighted, n_samples, layerwise):
     """(n/m)·Σ_(i∈S) J_iᵀJ_i over m distinct random samples S (times their weights);
     all n samples give the Fisher itself."""
     X, _, _ = regression_data(n=23, n_outputs=2, seed=16)
-    products, _, J = setup(mlp(n_out=2, seed=16), X, None, 5)
+    products, _, J = setup(mlp(n_out=2, seed=16), X, None, 5, layerwise=layerwise)
     n, k = 23, 2
     weights = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
     if weighted:
         products.row_scale = weights.sqrt()
         J = J * weights.sqrt().repeat_interleave(k)[:, None]
     drawn, sub = products.subsample(n_samples, torch.Generator().manual_seed(0))
+    assert (sub.structured is not None) == layerwise
     assert sub.n_samples == n_samples and sub.batch_size == products.batch_size
     assert len(set(drawn.tolist())) == n_samples and bool((drawn.diff() > 0).all())
     assert_close(sub.X, X[drawn.numpy()])
@@ -220,3 +247,17 @@ def test_regressor_with_forward_mode_reports_it():
     X, Y, _ = regression_data(n=10, seed=18)
     est = FiniteNTKRegressor(mlp(seed=18), noise=0.1).fit(X, Y[:, 0])
     assert est.forward_mode_ is True
+
+
+@pytest.mark.parametrize("block_rows", [7, 10**6], ids=["blockwise", "one-qr"])
+def test_transposed_basis_projects_onto_the_range_of_J_U(block_rows):
+    """Jᵀ Q for an orthonormal basis Q of range(J U), orthonormalised block by block
+    in place (or by one QR): C Cᵀ = Jᵀ P J, P the projector onto range(J U)."""
+    X, _, _ = regression_data(n=40, n_outputs=2, seed=17)
+    products, _, J = setup(mlp(n_out=2, seed=17), X, None, 16)
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(J.shape[1], 6, generator=g, dtype=torch.float64)).Q
+    C = _transposed_basis(products, U, block_rows=block_rows)
+    W = J @ U
+    projector = W @ torch.linalg.pinv(W)
+    assert_close(C @ C.T, J.T @ projector @ J)

@@ -133,12 +133,35 @@ def low_rank_from_eigenpairs(
     return LowRankVariance(sketch, V, weights, tail_weight)
 
 
+def _transposed_basis(jacobian, U, block_rows=1 << 16):
+    """C = Jᵀ Q for an orthonormal basis Q of range(J U), U of shape (p, r).
+
+    W = J U is orthonormalised in place, without the copies of a dense QR: R from a
+    QR of ``block_rows`` rows of W at a time, stacked under the previous R (the
+    R factor of W, as stable as one QR of W), then each block W_b ← W_b R⁻¹. A
+    Cholesky factor of WᵀW (from one Fisher product, F U) would square W's
+    conditioning and lose the small Ritz values in float32.
+    """
+    W = jacobian.jvp(U).reshape(-1, U.shape[1])
+    shape = (jacobian.n_samples, jacobian.n_outputs, -1)
+    if W.shape[0] <= block_rows:  # small (and maybe wide: fewer rows than r)
+        return jacobian.vjp(torch.linalg.qr(W).Q.reshape(shape))
+    R = W.new_zeros(0, U.shape[1])
+    for start in range(0, W.shape[0], block_rows):
+        R = torch.linalg.qr(torch.cat([R, W[start : start + block_rows]]), mode="r").R
+    for start in range(0, W.shape[0], block_rows):
+        block = W[start : start + block_rows]
+        block.copy_(torch.linalg.solve_triangular(R, block, upper=True, left=False))
+    return jacobian.vjp(W.reshape(shape))
+
+
 def low_rank_from_sketch(operator, *, prior, noise, rank, generator, policy):
     """Eigenpairs (f, V) of JᵀJ and the weights f/(f + c), from a Nyström sketch.
 
     The sketch of P gives the dominant subspace; U (n·k, r) is an orthonormal basis
     of it in function space (the sketch's eigenvectors there; in parameter space,
-    those of JᵀJ mapped through J and orthonormalised). With C = Jᵀ U and
+    those of JᵀJ mapped through J and orthonormalised in place, see
+    :func:`_transposed_basis`). With C = Jᵀ U and
     CᵀC = UᵀJJᵀU = Q diag(f) Qᵀ, V = C Q f^-½ is exactly orthonormal and
 
         V diag(f/(f + c)) Vᵀ = Jᵀ U (Uᵀ(JJᵀ + cI)U)⁻¹ Uᵀ J ⪯ Jᵀ (JJᵀ + cI)⁻¹ J,
@@ -174,9 +197,10 @@ def low_rank_from_sketch(operator, *, prior, noise, rank, generator, policy):
     jacobian = operator.jacobian
     U = sketch.eigenvectors[:, sketch.eigenvalues > 0].to(jacobian.w.dtype)
     if isinstance(operator, ParameterOperator):
-        U = torch.linalg.qr(jacobian.jvp(U).reshape(-1, U.shape[1])).Q
-    shape = (operator.n_samples, operator.n_outputs, U.shape[1])
-    C = jacobian.vjp(U.reshape(shape))
+        C = _transposed_basis(jacobian, U)
+    else:
+        shape = (operator.n_samples, operator.n_outputs, U.shape[1])
+        C = jacobian.vjp(U.reshape(shape))
     fisher, Q = torch.linalg.eigh(C.T @ C)
     fisher, Q = fisher.flip(0), Q.flip(1)  # descending
     keep = fisher > torch.finfo(fisher.dtype).eps * fisher[0]

@@ -125,10 +125,34 @@ def supports_structured(module, parameter_names):
 
 
 class _Layer:
-    """Which of a Linear layer's weight and bias are linearized."""
+    """Which of a Linear layer's weight and bias are linearized, and its sizes."""
 
-    def __init__(self, weight, bias):
+    def __init__(self, weight, bias, d_in, d_out):
         self.weight, self.bias = weight, bias
+        self.d_in, self.d_out = d_in, d_out
+
+    def flatten(self, P):
+        """Per-layer gradients P (..., d_out, d_z) -> (..., p_l), in the layout of
+        the flat parameter vector (the weight row-major, then the bias)."""
+        parts = [P[..., : self.d_in].flatten(-2)] if self.weight else []
+        if self.bias:
+            parts.append(P[..., -1])
+        return torch.cat(parts, dim=-1)
+
+    def unflatten(self, V):
+        """Flat columns V (p_l, m) -> (m, d_out, d_z), the inverse of :meth:`flatten`."""
+        m, parts, start = V.shape[1], [], 0
+        if self.weight:
+            start = self.d_out * self.d_in
+            parts.append(V[:start].T.reshape(m, self.d_out, self.d_in))
+        if self.bias:
+            parts.append(V[start : start + self.d_out].T.reshape(m, self.d_out, 1))
+        return torch.cat(parts, dim=2)
+
+    @property
+    def size(self):
+        """p_l, the layer's linearized parameters."""
+        return self.d_out * (self.d_in * self.weight + self.bias)
 
     def augmented_input(self, x):
         """z = (x, 1), x or 1 per sample according to the selection: (b, d_z)."""
@@ -172,6 +196,26 @@ class _ChunkFeatures:
             JV = [(G[:, a, None, :] * VZ).sum(-1) for a in range(self.n_outputs)]
             total = total + torch.stack(JV, dim=1)
         return total
+
+    def jacobian(self, layers, rows):
+        """Explicit Jacobian rows of the samples ``rows`` of this chunk, shape
+        (b, k, p): per layer g_ia z_iᵀ, written in place in the layout of the flat
+        parameter vector (``layers``: one _Layer each)."""
+        G0 = self.G[0][rows]
+        b, k = G0.shape[:2]
+        J = G0.new_empty(b, k, sum(layer.size for layer in layers))
+        start = 0
+        for layer, Z, G in zip(layers, self.Z, self.G, strict=True):
+            Z, G = Z[rows], G[rows]
+            if layer.weight:
+                size = layer.d_out * layer.d_in
+                weight = J[..., start : start + size].view(b, k, layer.d_out, layer.d_in)
+                torch.mul(G[..., None], Z[:, None, None, : layer.d_in], out=weight)
+                start += size
+            if layer.bias:  # z's last entry is 1
+                J[..., start : start + layer.d_out] = G
+                start += layer.d_out
+        return J
 
     def cross(self, other):
         """Σ_l (Z Z'ᵀ) ⊙ (G G'ᵀ): shape (b·k, b'·k), rows (sample, output)."""
@@ -235,12 +279,17 @@ class LayerwiseKernel:
                 "elementwise activations whose linearized parameters are Linear "
                 "weights and biases; check supports_structured first."
             )
-        self.batch_size = batch_size
+        self.batch_size, self._network = batch_size, network
         self._leaves = _leaf_layers(network.module)
         names = set(network.names)
         self._layers = {
-            position: _Layer(f"{path}.weight" in names, f"{path}.bias" in names)
-            for position, (path, _) in enumerate(self._leaves)
+            position: _Layer(
+                f"{path}.weight" in names,
+                f"{path}.bias" in names,
+                layer.in_features,
+                layer.out_features,
+            )
+            for position, (path, layer) in enumerate(self._leaves)
             if f"{path}.weight" in names or f"{path}.bias" in names
         }
         # Values at θ of the linearized parameters; the others are the module's own.
@@ -256,6 +305,15 @@ class LayerwiseKernel:
         self.outputs = torch.cat(outputs)
         self.n_outputs = self.outputs.shape[1]
         self.size = self.n_samples * self.n_outputs
+
+    @property
+    def feature_bytes(self):
+        """Memory held by the per-layer features Z and G of the inputs."""
+        return sum(
+            tensor.numel() * tensor.element_size()
+            for features in self._features
+            for tensor in (*features.Z, *features.G)
+        )
 
     def _chunk_features(self, X, row_scale=None, rows=slice(None)):
         """One forward and k backward passes: (_ChunkFeatures, outputs (b, k)).
@@ -347,10 +405,14 @@ class LayerwiseKernel:
         return torch.cat(list(rows))
 
     def _matmat_by_layers(self, U):
-        """(J Jᵀ) U: first Jᵀ U, as per-layer (m, d_out, d_z) gradients summed over
-        chunks, then J applied to them chunk by chunk."""
+        """(J Jᵀ) U: first Jᵀ U, as per-layer gradients, then J applied to them."""
         m = U.shape[1]
-        U = U.reshape(self.n_samples, self.n_outputs, m)
+        gradients = self._transpose_layers(U.reshape(self.n_samples, self.n_outputs, m))
+        return self._apply_layers(gradients).reshape(self.size, m)
+
+    def _transpose_layers(self, U):
+        """Jᵀ U for U of shape (n, k, m), as per-layer (m, d_out, d_z) gradients
+        summed over chunks."""
         gradients = None
         for start, features in zip(
             range(0, self.n_samples, self.batch_size), self._features, strict=True
@@ -361,8 +423,62 @@ class LayerwiseKernel:
                 continue
             for total, new in zip(gradients, part, strict=True):
                 total += new
-        products = [features.product(gradients) for features in self._features]
-        return torch.cat(products).reshape(self.size, m)
+        return gradients
+
+    def _apply_layers(self, gradients):
+        """J applied to per-layer (m, d_out, d_z) columns, chunk by chunk: (n, k, m)."""
+        return torch.cat([features.product(gradients) for features in self._features])
+
+    # -- products with J and Jᵀ in parameter space -----------------------------------
+
+    @property
+    def n_params(self):
+        """p, the linearized parameters, in the network's flat order."""
+        return sum(layer.size for layer in self._layers.values())
+
+    def vjp(self, U):
+        """Jᵀ U for U of shape (n, k) or (n, k, m); returns (p,) or (p, m), in the
+        layout of the network's flat parameter vector."""
+        columns = U if U.ndim == 3 else U[..., None]
+        gradients = self._transpose_layers(columns)
+        layers = self._layers.values()
+        flat = torch.cat(
+            [layer.flatten(P) for layer, P in zip(layers, gradients, strict=True)], dim=1
+        ).T.contiguous()
+        return flat if U.ndim == 3 else flat[:, 0]
+
+    def jvp(self, V):
+        """J V for V of shape (p,) or (p, m) (flat parameter layout); returns
+        (n, k) or (n, k, m)."""
+        columns = V if V.ndim == 2 else V[:, None]
+        layers = list(self._layers.values())
+        pieces = torch.split(columns, [layer.size for layer in layers])
+        gradients = [
+            layer.unflatten(piece) for layer, piece in zip(layers, pieces, strict=True)
+        ]
+        JV = self._apply_layers(gradients)
+        return JV if V.ndim == 2 else JV[..., 0]
+
+    def jacobian_blocks(self, block_samples):
+        """Yield ``(rows, J_rows)``, the explicit Jacobian (b, k, p) of at most
+        ``block_samples`` consecutive samples within a chunk, from the features (no
+        autograd)."""
+        layers = list(self._layers.values())
+        for start, features in zip(
+            range(0, self.n_samples, self.batch_size), self._features, strict=True
+        ):
+            size = features.Z[0].shape[0]
+            for offset in range(0, size, block_samples):
+                local = slice(offset, min(offset + block_samples, size))
+                rows = slice(start + local.start, start + local.stop)
+                yield rows, features.jacobian(layers, local)
+
+    def of(self, X, row_scale=None):
+        """The same network's layerwise kernel over other inputs X (rows of J
+        scaled by ``row_scale``)."""
+        return LayerwiseKernel(
+            self._network, X, batch_size=self.batch_size, row_scale=row_scale
+        )
 
     def diagonal(self, features=None):
         """diag(J Jᵀ) = Σ_l ‖z_i‖² ‖g_ia‖², shape (n·k,) (or (m·k,) for ``features``).
