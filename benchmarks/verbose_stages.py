@@ -11,10 +11,9 @@ any stage is time ``verbose`` does not explain), then does the same for a
     python benchmarks/verbose_stages.py                              # noise, prior "auto"
     python benchmarks/verbose_stages.py --noise 0.01 --prior 1.0     # fixed: no evidence
 
-With noise and prior "auto" (the defaults) the evidence's Lanczos runs (350 products
-with JᵀJ, 16 columns in 150 of them) dominate: on two shared cores n = 3000 took
-3 minutes, n = 20000 about 20; with fixed values the fit is the linearization, the
-preconditioner, the solve and the variance factor.
+Measured 2026-11-28 (2 cores, load ~0.5): n = 20,000, p = 1281, "auto": fit 3.74 s,
+ratio 0.975 (the evidence is exact here: JᵀJ decomposed, p <= Policy.eigen_size);
+fixed noise and prior: fit 4.30 s, ratio 0.990; predict 0.09 s, ratio 0.98.
 """
 
 import argparse
