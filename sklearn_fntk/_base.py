@@ -25,6 +25,7 @@ from ._linearize.layerwise import LayerwiseKernel, supports_structured
 from ._linearize.network import FunctionalNetwork, NetworkOutputError, default_mlp
 from ._persistence import DevicePersistence, unavailable_device
 from ._progress import stages_for
+from ._sharding import fit_reduction
 from ._stages import NO_STAGES
 
 # Memory allowed for cached per-chunk linearizations of the training data.
@@ -397,6 +398,14 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
             policy=self._policy,
             distributed=self.distributed,
         )
+
+    def _fit_in_stages(self, X, y, sample_weight):
+        """:meth:`fit`: ``_fit_shard`` on the data (or this process's shard of them,
+        its sums reduced over the shards), inside the reduction's failure guard and
+        the logged stage "fit"."""
+        reduction = fit_reduction(self)
+        with reduction.guard(), self._stages("fit") as stages:
+            return self._fit_shard(X, y, sample_weight, reduction, stages)
 
     def _stages(self, method):
         """The stages of one call of ``method`` (a context manager yielding a

@@ -28,7 +28,6 @@ from ._sharding import (
     check_same_parameters,
     class_union,
     detach,
-    fit_reduction,
 )
 
 __all__ = ["FiniteNTKClassifier"]
@@ -268,9 +267,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         self : FiniteNTKClassifier
             The fitted estimator.
         """
-        reduction = fit_reduction(self)
-        with reduction.guard(), self._stages("fit") as stages:
-            return self._fit_shard(X, y, sample_weight, reduction, stages)
+        return self._fit_in_stages(X, y, sample_weight)
 
     def _fit_shard(self, X, y, sample_weight, reduction, stages):
         """:meth:`fit` on the data, or on this process's shard of them, its stages

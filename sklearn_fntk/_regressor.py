@@ -24,7 +24,7 @@ from ._inference.hyperparameters import student_t_variance_factor
 from ._joint_predictive import JointPredictiveMixin
 from ._linearize.jacobian import scale_rows
 from ._marginal_likelihood import MarginalLikelihoodMixin
-from ._sharding import check_same, check_same_parameters, detach, fit_reduction
+from ._sharding import check_same, check_same_parameters, detach
 from ._stages import NO_STAGES
 
 __all__ = ["FiniteNTKRegressor"]
@@ -335,9 +335,7 @@ class FiniteNTKRegressor(
         self : FiniteNTKRegressor
             The fitted estimator.
         """
-        reduction = fit_reduction(self)
-        with reduction.guard(), self._stages("fit") as stages:
-            return self._fit_shard(X, y, sample_weight, reduction, stages)
+        return self._fit_in_stages(X, y, sample_weight)
 
     def _fit_shard(self, X, y, sample_weight, reduction, stages):
         """:meth:`fit` on the data, or on this process's shard of them, its stages
