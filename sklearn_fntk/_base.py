@@ -396,6 +396,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
             n_params=n_params,
             layerwise=layerwise,
             policy=self._policy,
+            itemsize=self._torch_dtype.itemsize,
             distributed=self.distributed,
         )
 

@@ -29,19 +29,27 @@ class MarginalLikelihoodMixin:
     def _fit_hyperparameters(self, jacobian, residuals, structured, choices, stages):
         """Fit the "auto" ones of noise and prior by the evidence (see
         ``_inference.hyperparameters``): exact from one eigendecomposition with the
-        dense solver, and with CG in parameter space up to ``Policy.eigen_size``
-        parameters (JᵀJ is accumulated over the data in one pass, and the variance
-        factor reuses it); by Lanczos quadrature otherwise. Stages reported to
+        dense solver, and in parameter space up to ``Policy.eigen_size`` parameters
+        (JᵀJ is accumulated over the data in one pass, and the factor reuses it);
+        by Lanczos quadrature otherwise: over the dense JᵀJ where the dense solver
+        assembles it anyway (larger p), else matrix-free. Stages reported to
         ``stages``. Returns the Gram matrix (if assembled, for the dense solve or the
         variance factor), the evidence and the optimum."""
+        policy, parameter_space = self._policy, choices.space == "parameter"
+        small_fisher = parameter_space and jacobian.n_params <= policy.eigen_size
+        large_fisher = parameter_space and not small_fisher
+        dense = choices.solver == "dense"
         lanczos = None
-        small_fisher = (
-            choices.space == "parameter" and jacobian.n_params <= self._policy.eigen_size
-        )
-        if choices.solver == "cg" and not small_fisher:
-            lanczos = self._policy.lanczos_options(self._generator(jacobian.w.device))
+        if not small_fisher and (not dense or large_fisher):
+            lanczos = policy.lanczos_options(self._generator(jacobian.w.device))
         gram, evidence = spectral_evidence(
-            jacobian, residuals, choices.space, structured, lanczos, stages
+            jacobian,
+            residuals,
+            choices.space,
+            structured,
+            lanczos,
+            stages,
+            assemble=dense,
         )
         r, reduction = residuals.reshape(-1), jacobian.reduction  # over the shards
         with stages("evidence search") as stage:

@@ -203,9 +203,9 @@ class FiniteNTKRegressor(
         were given as numbers.
     kernel_ : {"layerwise", "autodiff"}
         "layerwise" when the network is Linear layers and elementwise activations
-        and the solve is in function space, or in parameter space with CG: kernel
-        products, Jacobian products, diagonals and columns then come from
-        per-layer features (a few matmuls per layer), not autodiff.
+        (and, in parameter space, ``fisher_product="exact"`` or the dense solver):
+        kernel products, Jacobian products and blocks, diagonals and columns then
+        come from per-layer features (a few matmuls per layer), not autodiff.
     preconditioner_, variance_ : str or None
         The resolved preconditioner and variance method.
     rank_ : int
@@ -370,6 +370,8 @@ class FiniteNTKRegressor(
                 "converged). Use fisher_product='exact' or dtype='float64'."
             )
         iterative = choices.solver == "cg" and structured is None and not finite_difference
+        # JᵀJ assembled from explicit Jacobian blocks (the dense parameter space)
+        blocks = choices.solver == "dense" and choices.space == "parameter"
         with stages("linearization", samples=X.shape[0], parameters=network.n_params):
             jacobian = self._training_jacobian(
                 network,
@@ -377,8 +379,8 @@ class FiniteNTKRegressor(
                 cache=iterative,
                 row_scale=row_scale,
                 reduction=reduction,
-                # parameter space: products from per-layer features, no autograd
-                layerwise=iterative and self._layerwise(network),
+                # parameter space: products and blocks from per-layer features
+                layerwise=(iterative or blocks) and self._layerwise(network),
             )
         # r = y - m(X), with m(X) = f_θ(X) or 0, scaled like J's rows; with
         # normalize_y, y and f_θ(X) in standardized units

@@ -153,14 +153,21 @@ def test_auto_predictive_is_the_student_t_with_the_noise_integrated_out(
     assert reg.space_ == space
     np.testing.assert_allclose(reg.prior_ / reg.noise_, lam, rtol=1e-5)
     variance, noise_mode = predictive(reg.prior_ / reg.noise_)
-    np.testing.assert_allclose(reg.noise_, noise_mode, rtol=1e-9)
-    np.testing.assert_allclose(reg.predict_std(X_test) ** 2, variance, rtol=1e-8)
+    # In parameter space rᵀK⁻¹r = (‖r‖² - (Jᵀr)ᵀδ)/σ² cancels where the fit nearly
+    # interpolates (here n = 12 < p = 161) and noise_ scales with it: 3.4e-8 off with
+    # JᵀJ from the per-layer features (bit-equal to the reference's), 3e-10 with
+    # autograd's (rounding order only). Eq. (1) over F's eigenpairs instead moves
+    # the error to z = c/√f at small f (a sharded fit then differs by 2e-8).
+    rtol = 1e-9 if space == "function" else 1e-7
+    np.testing.assert_allclose(reg.noise_, noise_mode, rtol=rtol)
+    rtol = max(rtol, 1e-8)
+    np.testing.assert_allclose(reg.predict_std(X_test) ** 2, variance, rtol=rtol)
     nu = reg.predictive_dof_
     with_noise = variance + nu / (nu - 2) * reg.noise_
     _, std = reg.predict(X_test, return_std=True, include_noise=True)
-    np.testing.assert_allclose(std**2, with_noise, rtol=1e-8)
+    np.testing.assert_allclose(std**2, with_noise, rtol=rtol)
     _, cov = reg.predict(X_test, return_cov=True, include_noise=True)
-    np.testing.assert_allclose(np.diag(cov), with_noise, rtol=1e-8)
+    np.testing.assert_allclose(np.diag(cov), with_noise, rtol=rtol)
 
 
 def test_student_t_draws_are_the_gaussian_draws_rescaled(network_and_data):

@@ -115,10 +115,7 @@ def test_regressor_matches_heteroscedastic_reference(name, space, solver):
     ref = reference(name)
     est = fitted(name, space, solver)
     assert (est.space_, est.solver_) == (space, solver)
-    if space == "function" or solver == "cg":  # per-layer features where they apply
-        assert est.kernel_ == CASES[name][2]
-    else:
-        assert est.kernel_ == "autodiff"
+    assert est.kernel_ == CASES[name][2]  # per-layer features where they apply
     mean, std = est.predict(X_test, return_std=True)
     assert_close("mean", mean, ref.mean, MEAN_RTOL)
     assert_close("std", std, ref.std, STD_RTOL)

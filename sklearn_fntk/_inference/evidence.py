@@ -407,7 +407,13 @@ class SpectralEvidence:
 
 
 def spectral_evidence(
-    jacobian, residuals, space, structured=None, lanczos=None, stages=NO_STAGES
+    jacobian,
+    residuals,
+    space,
+    structured=None,
+    lanczos=None,
+    stages=NO_STAGES,
+    assemble=False,
 ):
     """The :class:`SpectralEvidence` of the training data, and the Gram matrix if
     it was assembled.
@@ -425,11 +431,15 @@ def spectral_evidence(
         ``options`` of :meth:`SpectralEvidence.from_lanczos` (matrix-free).
     stages : Stages
         Where the stages (eigendecomposition, or Lanczos runs) are reported.
+    assemble : bool, default=False
+        With ``lanczos``: assemble the Gram matrix (for a caller that factors it
+        next) and run the quadrature over it, a dense product per step instead of
+        a pass over the data.
 
     Returns
     -------
     gram : torch.Tensor or None
-        G or F, when assembled (None for Lanczos).
+        G or F, when assembled (None for a matrix-free Lanczos).
     evidence : SpectralEvidence
 
     Raises
@@ -448,8 +458,17 @@ def spectral_evidence(
     size = int(jacobian.reduction.sum_float(r.numel()))
     residual_sq_norm = jacobian.reduction.sum_float(r @ r)
     if lanczos is not None:
+        gram, matmat = None, operator.psd_matmat
+        if assemble:
+            what = "The Gram matrix of the dense solve"
+            advice = "use solver='cg', or set noise and prior"
+            parts = operator.dense_parts(gram_held=False)
+            check_fits(parts, jacobian.w.dtype, jacobian.w.device, what, advice)
+            with stages("Gram matrix", size=operator.size):
+                gram = operator.gram_dense()
+            matmat = gram.__matmul__
         evidence = SpectralEvidence.from_lanczos(
-            operator.psd_matmat,
+            matmat,
             start,
             space=space,
             size=size,
@@ -457,7 +476,7 @@ def spectral_evidence(
             options=lanczos,
             stages=stages,
         )
-        return None, evidence
+        return gram, evidence
     _check_spectral(operator)
     with stages("Gram matrix", size=operator.size):
         gram = operator.gram_dense()

@@ -68,7 +68,7 @@ class GaussianPosterior:
     system : LinearSystem
     variance_system : LinearSystem
         Serves predictive covariances: ``system``, or for exact variances with CG a
-        dense factor of the same operator (up to ``policy.variance_factor_max_size``).
+        dense factor of the same operator (where ``Policy.factors``).
     delta : torch.Tensor of shape (p,)
         Posterior mean of w - θ, after :meth:`fit`.
     report : CGResult
@@ -229,7 +229,8 @@ class GaussianPosterior:
                 self.condition_number = system.condition_number(generator)
         variance_system = system
         factored = choices.variance == "exact" and choices.solver == "cg"
-        if factored and operator.size <= policy.variance_factor_max_size:
+        itemsize = self.jacobian.w.element_size()
+        if factored and policy.factors(self.space, operator.size, self.n_rows, itemsize):
             # exact variances from one dense factor, whatever n: a Cholesky solve
             # per test batch instead of a CG solve
             dense = LinearSystem(operator, solver="dense", tol=self.tol)

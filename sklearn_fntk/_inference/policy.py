@@ -23,7 +23,18 @@ class Policy:
         Exact predictive variances come from a dense Cholesky factor of the system,
         assembled once at fit time (whatever the solver), up to this size (512 MiB
         in float64); above it from CG solves. ``variance="auto"`` with CG is exact up
-        to it, low-rank above.
+        to it, low-rank above (in parameter space, see also ``factor_bytes``).
+    factor_bytes : int, default=2**31
+        In parameter space the regressor's system A = JᵀJ + (σ²/s)·I (p x p) is
+        assembled over the data chunks and factored, whatever n, when its array
+        takes at most this many bytes (2 GiB: p ≤ 23,170 in float32, 16,383 in
+        float64) ...
+    factor_max_cost : float, default=1e14
+        ... and assembling it costs at most this many multiply-adds, n·k·p²/2
+        (1e14: about 10 min on 2 cores at 170 Gflop/s; n = 100,000, p = 21,825 is
+        2.4e13). The factor then solves for the mean too (``solver="auto"`` is
+        "dense"), gives exact variances, and its Gram matrix the evidence. Above,
+        ``variance="auto"`` is the low-rank bound.
     eigen_size : int, default=4096
         The low-rank variance takes exact eigenpairs (one ``eigh`` of J Jᵀ or JᵀJ) up
         to this system size, and a Nyström sketch above it.
@@ -70,6 +81,8 @@ class Policy:
 
     dense_max_size: int = 4096
     variance_factor_max_size: int = 8192
+    factor_bytes: int = 1 << 31
+    factor_max_cost: float = 1e14
     eigen_size: int = 4096
     low_rank_weight: float = 0.01
     low_rank_bytes: int = 1 << 29
@@ -93,6 +106,19 @@ class Policy:
             "quadratic_steps": self.evidence_quadratic_steps,
             "generator": generator,
         }
+
+    def factors(self, space, size, n_rows, itemsize):
+        """Whether a fit assembles and factors its system (``size`` x ``size``, over
+        ``n_rows`` = n·k rows, entries of ``itemsize`` bytes) for exact variances:
+        up to ``variance_factor_max_size``, and in parameter space also within
+        ``factor_bytes`` and ``factor_max_cost``."""
+        if size <= self.variance_factor_max_size:
+            return True
+        affordable = (
+            size * size * itemsize <= self.factor_bytes
+            and n_rows * size * size / 2 <= self.factor_max_cost
+        )
+        return space == "parameter" and affordable
 
     def sketch_samples(self, n_samples, rank, n_outputs):
         """Training samples a Nyström sketch of a Fisher (a sum over samples, k rows
@@ -134,6 +160,7 @@ def resolve_choices(
     n_params,
     layerwise,
     policy,
+    itemsize=8,
     distributed=False,
 ):
     """Resolve every "auto" of a fit, in one place.
@@ -143,20 +170,24 @@ def resolve_choices(
     space : {"auto", "function", "parameter"}
         "auto": the smaller system (n·k rows against p parameters).
     solver : {"auto", "dense", "cg"}
-        "auto": dense up to ``policy.dense_max_size``.
+        "auto": dense up to ``policy.dense_max_size``, and for the regressor in
+        parameter space wherever the exact variances factor the system anyway
+        (``Policy.factors``): the factor solves for the mean too.
     preconditioner : {"auto", "jacobi", "nystrom", "pivoted_cholesky"} or None
         "auto": the low-rank variance's eigenpairs where there are some (Nyström, no
         further products), else pivoted Cholesky where kernel columns are cheap (the
         layerwise kernel in function space), else Nyström.
     variance : {"auto", "exact", "low_rank"} or None
         None: no variance choice (the classifier). "auto": exact with the dense
-        solver, or with CG up to ``policy.variance_factor_max_size`` (from a dense
-        factor); low-rank above.
+        solver, or with CG where ``Policy.factors`` (from a dense factor);
+        low-rank above.
     n_rows, n_params : int
         n·k and p.
     layerwise : bool
         Whether the layerwise kernel applies to the network (in function space).
     policy : Policy
+    itemsize : int, default=8
+        Bytes per entry of the fit's dtype.
     distributed : bool, default=False
         A data-parallel fit (``n_rows`` over all shards): see
         :func:`_check_distributed`.
@@ -182,11 +213,14 @@ def resolve_choices(
             "space='function' or preconditioner='nystrom'."
         )
     size = n_rows if space == "function" else n_params
+    factored = policy.factors(space, size, n_rows, itemsize)
     if solver == "auto":
-        solver = "dense" if size <= policy.dense_max_size else "cg"
+        small = size <= policy.dense_max_size
+        # the regressor's exact variances factor the system anyway: it solves too
+        factor_solves = space == "parameter" and variance in ("auto", "exact")
+        solver = "dense" if small or (factor_solves and factored) else "cg"
     if variance == "auto":  # above the factor's size, a CG solve per test batch
-        factored = solver == "dense" or size <= policy.variance_factor_max_size
-        variance = "exact" if factored else "low_rank"
+        variance = "exact" if solver == "dense" or factored else "low_rank"
     if solver == "dense":
         preconditioner = None  # nothing to precondition
     elif preconditioner == "auto":
@@ -195,34 +229,36 @@ def resolve_choices(
         preconditioner = "pivoted_cholesky" if use_pivoted else "nystrom"
     choices = Choices(space, solver, preconditioner, variance)
     if distributed:
-        _check_distributed(choices, n_params, policy)
+        _check_distributed(choices, n_params, factored, policy)
     return choices
 
 
-def _check_distributed(choices, n_params, policy):
+def _check_distributed(choices, n_params, factored, policy):
     """ValueError unless a data-parallel fit can make ``choices``.
 
     It solves in parameter space: there every sum over the data is a p-vector, a
     p x p matrix or a number, whereas function space holds n·k x n·k kernels whose
     dense form, pivoted Cholesky columns and Nyström sketches do not split into
     per-shard sums. Its predictive variances must come from what the fit leaves on
-    every process: a p x p Cholesky factor (dense solver, or with CG up to
-    ``variance_factor_max_size``) or the exact eigenpairs of JᵀJ (low-rank, up to
+    every process: a p x p Cholesky factor (dense solver, or with CG where
+    ``Policy.factors``) or the exact eigenpairs of JᵀJ (low-rank, up to
     ``eigen_size``); a CG solve per test batch, or a sketch of J's range
     (n-vectors orthonormalised across the shards), would need the other shards
     at predict time.
     """
     if choices.variance == "low_rank":
-        limit, what = policy.eigen_size, "the exact eigenpairs of JᵀJ"
+        fits, what = n_params <= policy.eigen_size, "the exact eigenpairs of JᵀJ"
+        limit = f"up to {policy.eigen_size} parameters"
     elif choices.solver == "cg" and choices.variance == "exact":
-        limit, what = policy.variance_factor_max_size, "a dense factor of JᵀJ + cI"
+        fits, what = factored, "a dense factor of JᵀJ + cI"
+        limit = "within Policy.factor_bytes and factor_max_cost"
     else:
         return
-    if n_params > limit:
+    if not fits:
         raise ValueError(
             f"A data-parallel fit (distributed=True) with variance="
             f"{choices.variance!r} and solver={choices.solver!r} keeps {what} for "
-            f"its predictive variances, up to {limit} parameters; this network has "
-            f"{n_params}. Linearize fewer parameters (parameters=[...]), or fit on "
-            "one process."
+            f"its predictive variances, {limit}; this network has "
+            f"{n_params} parameters. Linearize fewer parameters (parameters=[...]), "
+            "or fit on one process."
         )

@@ -2,16 +2,29 @@
 
 import torch
 
-__all__ = ["cholesky"]
+__all__ = ["add_symmetric_product", "cholesky", "symmetrize_from_lower"]
+
+# Column tiles of a symmetric product: the lower block triangle of T tiles costs
+# (T + 1)/(2T) of the full product (0.55 at p = 21,825), and tiles this wide keep
+# the matrix products efficient (measured: 0.63 of the full product's time at
+# p = 8192, 1024-wide tiles).
+SYMMETRIC_TILE = 1024
 
 
 def cholesky(matrix, what, advice):
-    """Lower Cholesky factor of ``matrix``, shape (d, d).
+    """Lower Cholesky factor of ``matrix``, written over it, shape (d, d).
+
+    The factor takes the matrix's memory (no second d x d array at the peak, which
+    at d = 21,825 in float32 is 1.8 GiB): LAPACK factors a column-major array in
+    place, and a row-major matrix is its transpose in column-major order, whose
+    upper factor U = Lᵀ is then L in row-major order. The caller gives up
+    ``matrix``.
 
     Parameters
     ----------
     matrix : torch.Tensor of shape (d, d)
-        Symmetric positive definite.
+        Symmetric positive definite (its lower triangle is read); overwritten when
+        contiguous.
     what : str
         What the matrix is, for the message.
     advice : str
@@ -26,12 +39,44 @@ def cholesky(matrix, what, advice):
         When the factorisation breaks down (the matrix is not numerically positive
         definite in its dtype).
     """
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    failed = int(info) != 0 or not bool(torch.isfinite(factor.diagonal()).all())
-    if failed and not bool(torch.isfinite(matrix).all()):
+    if not bool(torch.isfinite(matrix).all()):
         raise FloatingPointError(f"The {what} has NaN or infinite entries.")
-    if failed:
+    column_major = matrix.contiguous().mT  # Mᵀ: its upper triangle is M's lower
+    info = column_major.new_empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(column_major, upper=True, out=(column_major, info))
+    factor = column_major.mT  # L, row-major
+    if int(info) != 0 or not bool(torch.isfinite(factor.diagonal()).all()):
         raise ValueError(
             f"The {what} is not numerically positive definite in {matrix.dtype}; {advice}."
         )
     return factor
+
+
+def add_symmetric_product(total, A, B, tile=SYMMETRIC_TILE):
+    """total += Aᵀ B on and below the diagonal tiles, for a symmetric Aᵀ B.
+
+    Row tile i of ``total`` gets A[:, tile i]ᵀ B[:, :end of tile i], written in
+    place (no temporary the size of ``total``); :func:`symmetrize_from_lower`
+    completes the upper triangle once every product is added.
+
+    Parameters
+    ----------
+    total : torch.Tensor of shape (d, d)
+    A, B : torch.Tensor of shape (b, d)
+        With Aᵀ B symmetric (A = B, or B = Λ A with Λ symmetric).
+    tile : int, default=SYMMETRIC_TILE
+    """
+    d = total.shape[0]
+    for start in range(0, d, tile):
+        stop = min(start + tile, d)
+        total[start:stop, :stop].addmm_(A[:, start:stop].T, B[:, :stop])
+
+
+def symmetrize_from_lower(total, tile=SYMMETRIC_TILE):
+    """Copy the tiles below the diagonal of ``total`` (d, d) to those above it, in
+    place (the tiles of :func:`add_symmetric_product`); returns ``total``."""
+    d = total.shape[0]
+    for start in range(tile, d, tile):
+        stop = min(start + tile, d)
+        total[:start, start:stop] = total[start:stop, :start].T
+    return total
