@@ -23,6 +23,7 @@ briefly on other samples; inputs N(0, I), target sin(x·a) + 0.5 cos(2 x·b) plu
 """
 
 import argparse
+import logging
 import resource
 import sys
 import time
@@ -46,6 +47,9 @@ def peak_gib():
 def timed_fit(regressor, X, y):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.filterwarnings(
+            "ignore", message=".*torch.jit.script", category=DeprecationWarning
+        )
         start = time.perf_counter()
         regressor.fit(X, y)
         seconds = time.perf_counter() - start
@@ -63,6 +67,7 @@ def main():
     parser.add_argument("--low-rank", action="store_true", help="also the low-rank std")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    logging.basicConfig(format="  %(message)s")  # the defaults' stages (verbose=1)
     module = trained_mlp(tuple(args.widths), seed=args.seed)
     X, f = make_data(args.n + args.n_test, args.widths[0], seed=args.seed + 7)
     X = X.astype(np.float32)
@@ -78,7 +83,7 @@ def main():
         flush=True,
     )
 
-    default = FiniteNTKRegressor(module, dtype="float32", random_state=0)
+    default = FiniteNTKRegressor(module, dtype="float32", random_state=0, verbose=1)
     fit_seconds = timed_fit(default, X, y)
     start = time.perf_counter()
     _, std = default.predict(X_test, return_std=True)

@@ -62,10 +62,11 @@ class FiniteNTKRegressor(
         "auto" fits it by the marginal likelihood (jointly with an "auto" noise); a
         number fixes it. The predictive mean depends on noise and prior only
         through their ratio: cross-validating the mean cannot fix both, the
-        evidence can. With the dense solver the evidence is exact (one
-        eigendecomposition of J Jᵀ or JᵀJ serves every candidate), and with CG in
-        parameter space up to 4096 parameters (``Policy.eigen_size``); otherwise
-        with CG it is a matrix-free Lanczos quadrature.
+        evidence can. It is exact (one eigendecomposition of J Jᵀ or JᵀJ serves
+        every candidate) with the dense solver up to size 4096 and in parameter
+        space up to 4096 parameters (``Policy.eigen_size``); otherwise a Lanczos
+        quadrature of the same spectrum, over the assembled JᵀJ where the dense
+        solver assembles it anyway, else matrix-free.
     prior_mean : {"network", "zero"}, default="network"
         GP prior mean: the trained network's output f_θ(x), or zero.
     parameters : list of str or None, default=None
@@ -74,7 +75,12 @@ class FiniteNTKRegressor(
         with ``requires_grad=True``.
     solver : {"auto", "dense", "cg"}, default="auto"
         Cholesky of the assembled system, or preconditioned conjugate gradient with
-        matrix-free products. "auto" picks dense for systems up to 4096.
+        matrix-free products. "auto" picks dense for systems up to 4096, and in
+        parameter space wherever exact variances factor the system anyway: JᵀJ
+        accumulated over the data, whatever n, when the p x p array takes at most
+        2 GiB (``Policy.factor_bytes``: p ≤ 23,170 in float32) and its assembly at
+        most 3e13 multiply-adds (``Policy.factor_max_cost``, n·k·p²/2: n = 100k at
+        p = 21,825 is 2.4e13, minutes on two cores).
     space : {"auto", "function", "parameter"}, default="auto"
         Solve with K = s·JJᵀ + σ²I (size n·k) or with JᵀJ + (σ²/s)I (size p).
         "auto" picks the smaller.
@@ -101,7 +107,8 @@ class FiniteNTKRegressor(
         test Jacobian times a (p, rank) factor; it never underestimates the exact
         variance and overestimates it by at most ``prior · w · ‖J(x)‖²``, with
         ``w = variance_tail_weight_`` (a warning when w > 0.1). "auto": "exact"
-        with the dense solver, "low_rank" with CG. ``return_cov`` is always exact.
+        with the dense solver (see ``solver``) and with CG up to size 8192 (from a
+        dense factor), "low_rank" above. ``return_cov`` is always exact.
     rank : int or None, default=None
         Rank of the Nyström / pivoted Cholesky preconditioner and of the low-rank
         variance. None: adaptive, up to 512 (see the user guide, "Preconditioners"

@@ -16,6 +16,7 @@ from torch.func import functional_call, jacrev
 
 from sklearn_fntk import FiniteNTKRegressor
 from sklearn_fntk._inference.hyperparameters import NOISE_MODE, NOISE_SHAPE
+from sklearn_fntk._inference.policy import Policy
 
 TRUE_NOISE, TRUE_PRIOR = 0.05, 0.5
 
@@ -268,3 +269,44 @@ def test_bad_log_marginal_likelihood_calls(network_and_data):
         reg.log_marginal_likelihood(method="approximate")
     with pytest.raises(ValueError, match="at the fitted noise and prior only"):
         reg.log_marginal_likelihood(0.2, return_std_error=True)
+
+
+def test_large_fisher_is_factored_whatever_n(network_and_data):
+    """Parameter space above eigen_size and dense_max_size, within factor_bytes and
+    factor_max_cost: "auto" assembles JᵀJ and factors it (dense solver, exact
+    variances), and the evidence's Lanczos runs over that matrix: the same
+    quadrature as the matrix-free one (same probes), so the same optimum."""
+    net, X, y = network_and_data  # n = 600 > p = 161
+    small = dict(dense_max_size=16, variance_factor_max_size=16, eigen_size=16)
+    options = dict(prior_mean="zero", random_state=0)
+    reg = FiniteNTKRegressor(net, **options)
+    reg._policy = Policy(**small)
+    reg.fit(X, y)
+    assert (reg.space_, reg.solver_, reg.variance_) == ("parameter", "dense", "exact")
+    matrix_free = FiniteNTKRegressor(net, solver="cg", variance="low_rank", **options)
+    matrix_free._policy = Policy(**small)
+    matrix_free.fit(X, y)
+    assert reg.noise_ == pytest.approx(matrix_free.noise_, rel=1e-6)
+    assert reg.prior_ == pytest.approx(matrix_free.prior_, rel=1e-6)
+    ref = reference_posterior(
+        net, X, y, X[:20], noise=reg.noise_, prior=reg.prior_, prior_mean="zero"
+    )
+    np.testing.assert_allclose(reg.predict(X[:20]), ref.mean[:, 0], rtol=1e-8)
+    scale = np.sqrt(reg.predictive_dof_ / (reg.predictive_dof_ - 2))
+    np.testing.assert_allclose(
+        reg.predict_std(X[:20]), scale * ref.std[:, 0], rtol=1e-8
+    )
+
+
+@pytest.mark.parametrize(
+    "limit", [dict(factor_bytes=161 * 161 * 8 - 1), dict(factor_max_cost=1.0)]
+)
+def test_factor_beyond_its_limits_is_not_built(network_and_data, limit):
+    """One byte or one multiply-add over: CG, and the low-rank variance."""
+    net, X, y = network_and_data
+    reg = FiniteNTKRegressor(net, noise=0.1, prior=1.0, random_state=0)
+    reg._policy = Policy(
+        dense_max_size=16, variance_factor_max_size=16, eigen_size=16, **limit
+    )
+    reg.fit(X, y)
+    assert (reg.space_, reg.solver_, reg.variance_) == ("parameter", "cg", "low_rank")

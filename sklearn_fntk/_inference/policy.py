@@ -29,12 +29,12 @@ class Policy:
         assembled over the data chunks and factored, whatever n, when its array
         takes at most this many bytes (2 GiB: p ≤ 23,170 in float32, 16,383 in
         float64) ...
-    factor_max_cost : float, default=1e14
+    factor_max_cost : float, default=3e13
         ... and assembling it costs at most this many multiply-adds, n·k·p²/2
-        (1e14: about 10 min on 2 cores at 170 Gflop/s; n = 100,000, p = 21,825 is
-        2.4e13). The factor then solves for the mean too (``solver="auto"`` is
-        "dense"), gives exact variances, and its Gram matrix the evidence. Above,
-        ``variance="auto"`` is the low-rank bound.
+        (n = 100,000 at p = 21,825 is 2.4e13: 7.5 min on the 2-core machine of
+        docs/benchmarks.rst, ~100 Gflop/s). The factor then solves for the mean too
+        (``solver="auto"`` is "dense"), gives exact variances, and its Gram matrix
+        the evidence. Above, ``variance="auto"`` is the low-rank bound.
     eigen_size : int, default=4096
         The low-rank variance takes exact eigenpairs (one ``eigh`` of J Jᵀ or JᵀJ) up
         to this system size, and a Nyström sketch above it.
@@ -82,7 +82,7 @@ class Policy:
     dense_max_size: int = 4096
     variance_factor_max_size: int = 8192
     factor_bytes: int = 1 << 31
-    factor_max_cost: float = 1e14
+    factor_max_cost: float = 3e13
     eigen_size: int = 4096
     low_rank_weight: float = 0.01
     low_rank_bytes: int = 1 << 29

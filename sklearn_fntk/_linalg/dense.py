@@ -39,17 +39,25 @@ def cholesky(matrix, what, advice):
         When the factorisation breaks down (the matrix is not numerically positive
         definite in its dtype).
     """
-    if not bool(torch.isfinite(matrix).all()):
-        raise FloatingPointError(f"The {what} has NaN or infinite entries.")
     column_major = matrix.contiguous().mT  # Mᵀ: its upper triangle is M's lower
     info = column_major.new_empty((), dtype=torch.int32)
     torch.linalg.cholesky_ex(column_major, upper=True, out=(column_major, info))
     factor = column_major.mT  # L, row-major
-    if int(info) != 0 or not bool(torch.isfinite(factor.diagonal()).all()):
-        raise ValueError(
-            f"The {what} is not numerically positive definite in {matrix.dtype}; {advice}."
-        )
-    return factor
+    if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
+        return factor
+    # A breakdown leaves finite entries finite: NaN or inf now were there before.
+    if not _all_finite(factor):
+        raise FloatingPointError(f"The {what} has NaN or infinite entries.")
+    raise ValueError(
+        f"The {what} is not numerically positive definite in {matrix.dtype}; {advice}."
+    )
+
+
+def _all_finite(matrix, rows=1024):
+    """Whether every entry is finite, a block of rows at a time (a boolean copy of
+    a 21,825² matrix would take 0.5 GiB)."""
+    return all(bool(torch.isfinite(block).all()) for block in matrix.split(rows))
+
 
 
 def add_symmetric_product(total, A, B, tile=SYMMETRIC_TILE):
@@ -73,10 +81,13 @@ def add_symmetric_product(total, A, B, tile=SYMMETRIC_TILE):
 
 
 def symmetrize_from_lower(total, tile=SYMMETRIC_TILE):
-    """Copy the tiles below the diagonal of ``total`` (d, d) to those above it, in
-    place (the tiles of :func:`add_symmetric_product`); returns ``total``."""
+    """Copy the lower triangle of ``total`` (d, d) to its upper one, in place, a
+    tile at a time (those of :func:`add_symmetric_product`); returns ``total``,
+    exactly symmetric."""
     d = total.shape[0]
-    for start in range(tile, d, tile):
+    for start in range(0, d, tile):
         stop = min(start + tile, d)
+        block = total[start:stop, start:stop]
+        block.copy_(block.tril() + block.tril(-1).T)
         total[:start, start:stop] = total[start:stop, :start].T
     return total
