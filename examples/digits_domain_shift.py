@@ -261,6 +261,10 @@ if __name__ == "__main__":
 # has the measurements, ``benchmarks/classifier_shift.py`` the repetitions). The
 # posterior mode's probabilities (``link="map"``) are the calibrated ones;
 # ``predict_latent`` returns the logit covariances for decisions of one's own.
+# Fine-tuning keeps a lower NLL on this split: our misclassified images are more
+# confidently wrong, and no prior variance closes that gap (the user guide's
+# "Calibration"); ``prior="loo"``, the prior by the leave-one-out predictive instead
+# of the evidence, is better on average over seeds and shifts but not on this split.
 #
 # Figure: the domains and reliability diagrams
 # --------------------------------------------

@@ -13,6 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._diagnostics import warn
 from ._inference.laplace import LaplacePosterior
 from ._inference.laplace_evidence import laplace_evidence, maximize_laplace_evidence
+from ._inference.laplace_loo import laplace_loo
 
 __all__ = ["LaplaceFitMixin"]
 
@@ -24,22 +25,34 @@ __all__ = ["LaplaceFitMixin"]
 PRIOR_BOUNDS = (1e-8, 1e5)
 EXACT_SEARCH_NEWTON_TOL = 1e-10
 STOCHASTIC_SEARCH_XTOL = 1e-2
+# prior="loo" maximises the leave-one-out predictive by its values, to this tolerance
+# in log s (the criterion is flat near its maximum: finer costs fits, not accuracy).
+LOO_SEARCH_XTOL = 1e-3
 
 
 class LaplaceFitMixin:
-    """Fitting the Laplace posterior, with the evidence where ``prior="auto"``."""
+    """Fitting the Laplace posterior, with the evidence where ``prior="auto"`` and the
+    leave-one-out predictive where ``prior="loo"``."""
 
     def _fit_posterior(self, arguments, stages):
-        """The posterior at ``prior``, or at the evidence's maximum for "auto";
-        stages (Newton's method at each prior, the search) reported to ``stages``.
+        """The posterior at ``prior``, or at the evidence's maximum for "auto", or at
+        the leave-one-out predictive's for "loo"; stages (Newton's method at each
+        prior, the search) reported to ``stages``.
 
         Returns the fitted LaplacePosterior, its LaplaceEvidence (None for a fixed
         prior: computed on demand) and the number of priors tried.
         """
         shared = {}  # G = J Jᵀ of the dense function-space solver, assembled once
         exact = arguments["choices"].solver == "dense"
+        if self.prior == "loo" and not exact:
+            raise ValueError(
+                f"{type(self).__name__}: prior='loo' needs the dense solver (the "
+                "training points' logit covariances, from its Cholesky factor); got "
+                f"solver={arguments['choices'].solver!r}. Use solver='dense', or "
+                "prior='auto'."
+            )
         tol = self.tol
-        if self.prior == "auto" and exact:
+        if self.prior in ("auto", "loo") and exact:
             tol = min(tol, EXACT_SEARCH_NEWTON_TOL)
 
         def fit_at(prior, start):
@@ -60,16 +73,23 @@ class LaplaceFitMixin:
             shared["gram"] = posterior.gram
             return posterior
 
-        if self.prior != "auto":
+        if self.prior not in ("auto", "loo"):
             return fit_at(float(self.prior), None), None, 1
-        with stages("evidence search (prior='auto')") as stage:
+        loo = self.prior == "loo"
+        if loo:
+            xtol, name = max(self.tol, LOO_SEARCH_XTOL), "leave-one-out search"
+        else:
+            xtol = self.tol if exact else max(self.tol, STOCHASTIC_SEARCH_XTOL)
+            name = "evidence search"
+        with stages(f"{name} (prior={self.prior!r})") as stage:
             search = maximize_laplace_evidence(
                 fit_at,
                 start=1.0,
                 bounds=PRIOR_BOUNDS,
                 exact=exact,
-                xtol=self.tol if exact else max(self.tol, STOCHASTIC_SEARCH_XTOL),
+                xtol=xtol,
                 evidence_options=self._evidence_options(),
+                criterion=laplace_loo if loo else None,
             )
             stage.note(
                 prior=search.prior,
@@ -78,15 +98,16 @@ class LaplaceFitMixin:
             )
         if search.at_bound is not None:
             low, high = PRIOR_BOUNDS
+            criterion = "leave-one-out predictive" if loo else "Laplace evidence"
             warn(
-                f"{type(self).__name__}: the Laplace evidence is largest at the "
+                f"{type(self).__name__}: the {criterion} is largest at the "
                 f"{search.at_bound} bound of prior, {search.prior:g} (searched within "
                 f"[{low:g}, {high:g}]): "
                 + (
                     "moving the weights explains the labels no better than the "
                     "network as it is."
                     if search.at_bound == "lower"
-                    else "the training data are separable and the evidence keeps "
+                    else "the training data are separable and it keeps "
                     "rising with prior; the probabilities will be overconfident."
                 )
                 + " Pass prior as a number instead (for example chosen by "

@@ -47,6 +47,11 @@ CASES = {
         dict(prior="auto", solver="dense", link="probit"),
         (44, 1),
     ),
+    "classifier_loo_dense_weighted": (
+        "classifier",
+        dict(prior="loo", solver="dense"),
+        (30, 15),
+    ),
     "classifier_cg": (
         "classifier",
         dict(prior=3.0, solver="cg", tol=1e-12, link="map"),

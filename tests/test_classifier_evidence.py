@@ -12,11 +12,14 @@ from classifier_reference import (
     evidence_optimum,
     laplace_log_evidence,
     laplace_reference,
+    leave_one_out,
     linearize,
 )
+from scipy.optimize import minimize_scalar
 
 from sklearn_fntk import FiniteNTKClassifier
 from sklearn_fntk._inference.laplace_evidence import laplace_evidence
+from sklearn_fntk._inference.laplace_loo import laplace_loo
 from sklearn_fntk._inference.policy import Policy
 
 NAMES = np.array(["ant", "bee", "cat"])
@@ -189,6 +192,51 @@ def test_auto_prior_fits_quietly_and_reports(case, caplog):
     assert search.details["priors_tried"] == clf.n_evidence_evaluations_
     assert f"prior={clf.prior_:.3g}" in search.getMessage()
     assert math.isfinite(clf.log_marginal_likelihood())
+
+
+# -- prior="loo" -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("space", list(DENSE))
+@pytest.mark.parametrize("prior", [0.3, 4.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_leave_one_out_matches_reference(case, space, prior, weighted):
+    """The Laplace leave-one-out log predictive, eqs. (1)-(3) of laplace_loo, against
+    explicit inverses of H, Σ_i and the cavity precision, to 1e-9."""
+    weights = case["weights"] if weighted else None
+    clf = FiniteNTKClassifier(case["net"], prior=prior, tol=1e-12, **DENSE[space])
+    clf.fit(case["X"], case["y"], sample_weight=weights)
+    expected = leave_one_out(*case["reference"], prior, weights=weights)
+    assert laplace_loo(clf._posterior) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("space", list(DENSE))
+def test_loo_prior_is_the_reference_optimum(case, space):
+    """prior="loo" maximises the leave-one-out predictive: to its tolerance in log s
+    (1e-3), and its value there within 1e-6 of the reference's maximum."""
+    clf = FiniteNTKClassifier(case["net"], prior="loo", tol=1e-10, **DENSE[space])
+    clf.fit(case["X"], case["y"])
+    result = minimize_scalar(
+        lambda t: -leave_one_out(*case["reference"], math.exp(t)),
+        bounds=(math.log(1e-3), math.log(1e3)),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    assert math.exp(result.x) == pytest.approx(clf.prior_, rel=1e-2)
+    found = leave_one_out(*case["reference"], clf.prior_)
+    assert 0 <= -result.fun - found < 1e-6
+    assert laplace_loo(clf._posterior) == pytest.approx(found, rel=1e-9)
+    # the evidence kept is the one at prior_
+    value, _ = laplace_log_evidence(*case["reference"], clf.prior_)
+    assert clf.log_marginal_likelihood() == pytest.approx(value, rel=1e-9)
+    assert 4 <= clf.n_evidence_evaluations_ <= 30
+
+
+def test_loo_prior_needs_the_dense_solver(case):
+    clf = FiniteNTKClassifier(case["net"], prior="loo", solver="cg")
+    with pytest.raises(ValueError, match="prior='loo' needs the dense solver"):
+        clf.fit(case["X"], case["y"])
+    assert not hasattr(clf, "prior_")
 
 
 # -- predict_latent ---------------------------------------------------------------------

@@ -49,6 +49,7 @@ __all__ = [
     "LaplaceEvidence",
     "laplace_evidence",
     "maximize_laplace_evidence",
+    "training_covariances",
 ]
 
 # Steps of the bracketing search, in log s; a factor of 10 per step.
@@ -141,7 +142,7 @@ def _inverse_trace(factor):
     return total
 
 
-def _training_covariances(posterior):
+def training_covariances(posterior):
     """Σ_i = J_i H⁻¹ J_iᵀ for every training point, shape (n, k, k), and
     τ = s·tr(JᵀΛJ (I + s·JᵀΛJ)⁻¹) of eq. (3), from the dense factor.
 
@@ -177,7 +178,7 @@ def _training_covariances(posterior):
 def _gradient(posterior):
     """d log p(y) / d log s, eq. (3), with the dense solver."""
     s, delta = posterior.prior, posterior.delta
-    covariances, trace_term = _training_covariances(posterior)
+    covariances, trace_term = training_covariances(posterior)
     probs = posterior.probs  # π_i over the network's k logits
     curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]  # Λ⁰_i
     inner = covariances.diagonal(dim1=1, dim2=2) - 2 * torch.einsum(
@@ -249,14 +250,17 @@ class EvidenceSearch(NamedTuple):
     at_bound: str | None
 
 
-def maximize_laplace_evidence(fit_at, *, start, bounds, exact, xtol, evidence_options):
-    """Maximise the Laplace evidence over the prior variance s.
+def maximize_laplace_evidence(
+    fit_at, *, start, bounds, exact, xtol, evidence_options, criterion=None
+):
+    """Maximise the Laplace evidence, or another criterion, over the prior variance s.
 
     With the dense solver (``exact``) the exact gradient (3) is bracketed in
     t = log s, stepping by a factor of 10 from ``start`` until its sign changes,
-    then its root is found by Brent's method (``brentq``). With CG, values only
-    (the same probes at every s): the bracket is a triple of steps whose middle is
-    highest, refined by bounded Brent minimisation.
+    then its root is found by Brent's method (``brentq``). With CG, or for a
+    ``criterion``, values only (for the evidence, the same probes at every s): the
+    bracket is a triple of steps whose middle is highest, refined by bounded Brent
+    minimisation.
 
     Parameters
     ----------
@@ -275,6 +279,10 @@ def maximize_laplace_evidence(fit_at, *, start, bounds, exact, xtol, evidence_op
         Keyword arguments of :func:`laplace_evidence` (``n_probes``,
         ``lanczos_steps``, and ``generator_seed``: a new generator with this seed
         draws the probes at every s).
+    criterion : callable or None, default=None
+        ``criterion(posterior)``, a float to maximise instead of the evidence (such
+        as :func:`.laplace_loo.laplace_loo`); ``evidence`` of the result is then
+        the evidence at the maximiser.
 
     Returns
     -------
@@ -296,36 +304,46 @@ def maximize_laplace_evidence(fit_at, *, start, bounds, exact, xtol, evidence_op
             warm = None if nearest is None else cache[nearest][0]
             held.clear()
             posterior = fit_at(math.exp(t), warm)
-            generator = None
-            if not exact:
-                generator = torch.Generator(device=posterior.delta.device)
-                generator.manual_seed(seed)
-            evidence = laplace_evidence(
-                posterior, gradient=exact, generator=generator, **options
-            )
-            cache[t] = (posterior.delta, evidence)
+            if criterion is not None:
+                cache[t] = (posterior.delta, criterion(posterior))
+            else:
+                cache[t] = (posterior.delta, _evidence(posterior, exact, seed, options))
             held[t] = posterior
         return cache[t]
 
+    def value(t):
+        result = evaluate(t)[1]
+        return result if criterion is not None else result.log_marginal_likelihood
+
     t0 = float(np.clip(math.log(start), low, high))
-    if exact:
-        t, at_bound = _bracket_root(evaluate, t0, low, high, xtol)
+    if exact and criterion is None:
+        t, at_bound = _bracket_root(lambda t: evaluate(t)[1].gradient, t0, low, high, xtol)
     else:
-        t, at_bound = _bracket_maximum(evaluate, t0, low, high, xtol)
-    delta, evidence = evaluate(t)
+        t, at_bound = _bracket_maximum(value, t0, low, high, xtol)
+    delta, result = evaluate(t)
     posterior = held.pop(t, None)
     if posterior is None:  # the maximiser was not the last prior tried: refit there,
         held.clear()  # from its MAP (Newton stops at once)
         posterior = fit_at(math.exp(t), delta)
+    evidence = result
+    if criterion is not None:
+        evidence = _evidence(posterior, False, seed, options)
     return EvidenceSearch(math.exp(t), posterior, evidence, len(cache), at_bound)
 
 
-def _bracket_root(evaluate, t0, low, high, xtol):
-    """The root of the evidence's gradient in [low, high], or the bound it rises to."""
+def _evidence(posterior, gradient, seed, options):
+    """:func:`laplace_evidence` with a new generator of ``seed`` (CG) and the
+    gradient where asked (dense)."""
+    generator = None
+    if posterior.system.factor is None:
+        generator = torch.Generator(device=posterior.delta.device)
+        generator.manual_seed(seed)
+    return laplace_evidence(posterior, gradient=gradient, generator=generator, **options)
 
-    def slope(t):
-        return evaluate(t)[1].gradient
 
+def _bracket_root(slope, t0, low, high, xtol):
+    """The root of ``slope`` (the evidence's gradient) in [low, high], or the bound it
+    rises to."""
     g0 = slope(t0)
     direction = 1.0 if g0 > 0 else -1.0
     a, b = t0, t0
@@ -339,12 +357,8 @@ def _bracket_root(evaluate, t0, low, high, xtol):
     return root, None
 
 
-def _bracket_maximum(evaluate, t0, low, high, xtol):
-    """The maximum of the evidence's values in [low, high] (derivative-free)."""
-
-    def value(t):
-        return evaluate(t)[1].log_marginal_likelihood
-
+def _bracket_maximum(value, t0, low, high, xtol):
+    """The maximum of ``value`` in [low, high] (derivative-free)."""
     up = float(min(t0 + _BRACKET_STEP, high))
     direction = 1.0 if value(up) > value(t0) else -1.0
     a, b = (t0, up) if direction > 0 else (up, t0)
