@@ -6,6 +6,7 @@ import torch
 from sklearn_fntk._linalg.dense import (
     add_symmetric_product,
     cholesky,
+    solve_with_factor,
     symmetrize_from_lower,
 )
 
@@ -48,3 +49,14 @@ def test_cholesky_says_what_failed():
     nan = torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]])
     with pytest.raises(FloatingPointError, match="^The system B has NaN or infinite"):
         cholesky(nan, "system B", "lower prior")
+
+
+def test_solve_with_factor_solves_the_system():
+    generator = torch.Generator().manual_seed(1)
+    G = torch.randn(8, 8, dtype=torch.float64, generator=generator)
+    matrix = G @ G.T + 8 * torch.eye(8, dtype=torch.float64)
+    B = torch.randn(8, 3, dtype=torch.float64, generator=generator)
+    factor = cholesky(matrix.clone(), "test matrix", "advice")
+    torch.testing.assert_close(
+        solve_with_factor(factor, B), torch.linalg.solve(matrix, B), rtol=1e-12, atol=1e-12
+    )

@@ -11,7 +11,7 @@ assembled operator (``solver="dense"``) or takes a preconditioner built by
 import torch
 
 from .._linalg.cg import CGResult, conjugate_gradient
-from .._linalg.dense import cholesky
+from .._linalg.dense import cholesky, solve_with_factor
 from .._linalg.lanczos import largest_eigenvalue
 from .._linalg.memory import check_fits, largest
 from .._linalg.preconditioners import (
@@ -294,7 +294,7 @@ class LinearSystem:
         """
         if self.factor is not None:
             column = B.reshape(B.shape[0], -1)
-            solution = torch.cholesky_solve(column, self.factor).reshape(B.shape)
+            solution = solve_with_factor(self.factor, column).reshape(B.shape)
             return _direct_report(solution, column.shape[1])
         return conjugate_gradient(
             self.operator.matmat,
