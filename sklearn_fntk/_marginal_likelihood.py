@@ -29,18 +29,20 @@ class MarginalLikelihoodMixin:
     def _fit_hyperparameters(self, jacobian, residuals, structured, choices, stages):
         """Fit the "auto" ones of noise and prior by the evidence (see
         ``_inference.hyperparameters``): exact from one eigendecomposition with the
-        dense solver, and in parameter space up to ``Policy.eigen_size`` parameters
+        dense solver (in parameter space up to ``Policy.variance_factor_max_size``
+        parameters), and with CG in parameter space up to ``Policy.eigen_size``
         (JᵀJ is accumulated over the data in one pass, and the factor reuses it);
         by Lanczos quadrature otherwise: over the dense JᵀJ where the dense solver
         assembles it anyway (larger p), else matrix-free. Stages reported to
         ``stages``. Returns the Gram matrix (if assembled, for the dense solve or the
         variance factor), the evidence and the optimum."""
         policy, parameter_space = self._policy, choices.space == "parameter"
-        small_fisher = parameter_space and jacobian.n_params <= policy.eigen_size
-        large_fisher = parameter_space and not small_fisher
+        p = jacobian.n_params
+        small_fisher = parameter_space and p <= policy.eigen_size
+        large_fisher = parameter_space and p > policy.variance_factor_max_size
         dense = choices.solver == "dense"
         lanczos = None
-        if not small_fisher and (not dense or large_fisher):
+        if (not dense and not small_fisher) or (dense and large_fisher):
             lanczos = policy.lanczos_options(self._generator(jacobian.w.device))
         gram, evidence = spectral_evidence(
             jacobian,

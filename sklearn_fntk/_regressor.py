@@ -63,8 +63,9 @@ class FiniteNTKRegressor(
         number fixes it. The predictive mean depends on noise and prior only
         through their ratio: cross-validating the mean cannot fix both, the
         evidence can. It is exact (one eigendecomposition of J Jᵀ or JᵀJ serves
-        every candidate) with the dense solver up to size 4096 and in parameter
-        space up to 4096 parameters (``Policy.eigen_size``); otherwise a Lanczos
+        every candidate) with the dense solver (in parameter space up to 8192
+        parameters, ``Policy.variance_factor_max_size``) and with CG in parameter
+        space up to 4096 (``Policy.eigen_size``); otherwise a Lanczos
         quadrature of the same spectrum, over the assembled JᵀJ where the dense
         solver assembles it anyway, else matrix-free.
     prior_mean : {"network", "zero"}, default="network"
