@@ -293,9 +293,7 @@ def test_large_fisher_is_factored_whatever_n(network_and_data):
     )
     np.testing.assert_allclose(reg.predict(X[:20]), ref.mean[:, 0], rtol=1e-8)
     scale = np.sqrt(reg.predictive_dof_ / (reg.predictive_dof_ - 2))
-    np.testing.assert_allclose(
-        reg.predict_std(X[:20]), scale * ref.std[:, 0], rtol=1e-8
-    )
+    np.testing.assert_allclose(reg.predict_std(X[:20]), scale * ref.std[:, 0], rtol=1e-8)
 
 
 @pytest.mark.parametrize(
