@@ -19,6 +19,7 @@ from sklearn.utils.validation import _check_sample_weight, validate_data
 
 from ._diagnostics import check_finite, nonfinite_error, nonfinite_rows, warn_solve
 from ._inference.policy import Policy, resolve_choices
+from ._linalg.memory import available_bytes
 from ._linalg.reduction import LOCAL
 from ._linearize.jacobian import JacobianProducts, outputs_and_jvp
 from ._linearize.layerwise import LayerwiseKernel, supports_structured
@@ -386,7 +387,10 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
 
     def _resolve(self, n_rows, n_params, layerwise, variance="exact"):
         """Every "auto" of this fit (see ``resolve_choices``), with the network's
-        sizes: n·k rows (over all shards) and p parameters."""
+        sizes: n·k rows (over all shards) and p parameters, and the memory this
+        process can allocate (not for a data-parallel fit, whose processes must
+        choose alike)."""
+        available = None if self.distributed else available_bytes(self.device)
         return resolve_choices(
             space=self.space,
             solver=self.solver,
@@ -397,6 +401,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
             layerwise=layerwise,
             policy=self._policy,
             itemsize=self._torch_dtype.itemsize,
+            available=available,
             distributed=self.distributed,
         )
 

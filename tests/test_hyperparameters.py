@@ -308,3 +308,19 @@ def test_factor_beyond_its_limits_is_not_built(network_and_data, limit):
     )
     reg.fit(X, y)
     assert (reg.space_, reg.solver_, reg.variance_) == ("parameter", "cg", "low_rank")
+
+
+def test_factor_that_memory_cannot_hold_is_not_the_default(network_and_data, monkeypatch):
+    """With less memory than twice the p x p array, "auto" stays matrix-free (and
+    the fit works) instead of a dense path the memory guard would refuse."""
+    from sklearn_fntk import _base
+
+    net, X, y = network_and_data
+    monkeypatch.setattr(_base, "available_bytes", lambda device: 2 * 161 * 161 * 8 - 1)
+    reg = FiniteNTKRegressor(net, noise=0.1, prior=1.0, random_state=0)
+    reg._policy = Policy(dense_max_size=16, variance_factor_max_size=16, eigen_size=16)
+    reg.fit(X, y)
+    assert (reg.solver_, reg.variance_) == ("cg", "low_rank")
+    monkeypatch.setattr(_base, "available_bytes", lambda device: 2 * 161 * 161 * 8)
+    reg.fit(X, y)
+    assert (reg.solver_, reg.variance_) == ("dense", "exact")

@@ -107,16 +107,21 @@ class Policy:
             "generator": generator,
         }
 
-    def factors(self, space, size, n_rows, itemsize):
+    def factors(self, space, size, n_rows, itemsize, available=None):
         """Whether a fit assembles and factors its system (``size`` x ``size``, over
         ``n_rows`` = n·k rows, entries of ``itemsize`` bytes) for exact variances:
         up to ``variance_factor_max_size``, and in parameter space also within
-        ``factor_bytes`` and ``factor_max_cost``."""
+        ``factor_bytes`` and ``factor_max_cost`` and, when ``available`` (bytes the
+        process can still allocate) is given, where twice the array fits in it
+        (the array, and the blocks, features and predictions around it): on a
+        smaller machine the default stays the matrix-free path that fits."""
         if size <= self.variance_factor_max_size:
             return True
+        array = size * size * itemsize
         affordable = (
-            size * size * itemsize <= self.factor_bytes
+            array <= self.factor_bytes
             and n_rows * size * size / 2 <= self.factor_max_cost
+            and (available is None or 2 * array <= available)
         )
         return space == "parameter" and affordable
 
@@ -161,6 +166,7 @@ def resolve_choices(
     layerwise,
     policy,
     itemsize=8,
+    available=None,
     distributed=False,
 ):
     """Resolve every "auto" of a fit, in one place.
@@ -188,6 +194,9 @@ def resolve_choices(
     policy : Policy
     itemsize : int, default=8
         Bytes per entry of the fit's dtype.
+    available : float or None, default=None
+        Bytes the process can still allocate (see ``Policy.factors``); None: no
+        bound.
     distributed : bool, default=False
         A data-parallel fit (``n_rows`` over all shards): see
         :func:`_check_distributed`.
@@ -213,7 +222,7 @@ def resolve_choices(
             "space='function' or preconditioner='nystrom'."
         )
     size = n_rows if space == "function" else n_params
-    factored = policy.factors(space, size, n_rows, itemsize)
+    factored = policy.factors(space, size, n_rows, itemsize, available)
     if solver == "auto":
         small = size <= policy.dense_max_size
         # the regressor's exact variances factor the system anyway: it solves too
