@@ -457,18 +457,14 @@ def spectral_evidence(
     # over the shards of a data-parallel fit (parameter space only)
     size = int(jacobian.reduction.sum_float(r.numel()))
     residual_sq_norm = jacobian.reduction.sum_float(r @ r)
-    if lanczos is not None:
-        gram, matmat = None, operator.psd_matmat
-        if assemble:
-            what = "The Gram matrix of the dense solve"
-            advice = "use solver='cg', or set noise and prior"
-            parts = operator.dense_parts(gram_held=False)
-            check_fits(parts, jacobian.w.dtype, jacobian.w.device, what, advice)
-            with stages("Gram matrix", size=operator.size):
-                gram = operator.gram_dense()
-            matmat = gram.__matmul__
+    gram = None
+    if lanczos is None or assemble:
+        _check_spectral(operator, eigendecomposition=lanczos is None)
+        with stages("Gram matrix", size=operator.size):
+            gram = operator.gram_dense()
+    if lanczos is not None:  # over the assembled Gram matrix, or matrix-free
         evidence = SpectralEvidence.from_lanczos(
-            matmat,
+            operator.psd_matmat if gram is None else gram.__matmul__,
             start,
             space=space,
             size=size,
@@ -477,21 +473,24 @@ def spectral_evidence(
             stages=stages,
         )
         return gram, evidence
-    _check_spectral(operator)
-    with stages("Gram matrix", size=operator.size):
-        gram = operator.gram_dense()
     with stages("evidence: eigendecomposition", size=operator.size):
         if space == "function":
             return gram, SpectralEvidence.from_kernel(gram, r)
         return gram, SpectralEvidence.from_fisher(gram, start, residual_sq_norm, size)
 
 
-def _check_spectral(operator):
-    """The memory guard of :func:`spectral_evidence` (a float64 eigendecomposition)
-    and of the dense solve after it."""
+def _check_spectral(operator, eigendecomposition):
+    """The memory guard of :func:`spectral_evidence`: the Gram matrix and the dense
+    solve that reuses it, after its float64 eigendecomposition (exact) or the
+    Lanczos quadrature over it."""
     w = operator.jacobian.w
-    eigen = eigen_parts(operator, torch.float64)
-    parts = largest([eigen, operator.dense_parts(gram_held=True)], w.dtype)
-    what = "The exact evidence (noise or prior 'auto' with the dense solver)"
-    advice = "use solver='cg' (a matrix-free evidence), or set noise and prior"
+    if eigendecomposition:
+        eigen = eigen_parts(operator, torch.float64)
+        parts = largest([eigen, operator.dense_parts(gram_held=True)], w.dtype)
+        what = "The exact evidence (noise or prior 'auto' with the dense solver)"
+        advice = "use solver='cg' (a matrix-free evidence), or set noise and prior"
+    else:
+        parts = operator.dense_parts(gram_held=False)
+        what = "The Gram matrix of the dense solve"
+        advice = "use solver='cg', or set noise and prior"
     check_fits(parts, w.dtype, w.device, what, advice)
