@@ -136,7 +136,8 @@ def test_explicit_jacobian_blocks_and_outputs_and_jvp(layerwise):
     X, _, _ = regression_data(n=23, n_outputs=2, seed=13)
     products, outputs, J = setup(mlp(n_out=2, seed=13), X, None, 5, layerwise=layerwise)
     n, k = outputs.shape
-    blocks = [block for _, block in products.jacobian_blocks()]
+    # a block is valid until the next is yielded (one buffer): copies kept
+    blocks = [block.clone() for _, block in products.jacobian_blocks()]
     assert [b.shape[0] for b in blocks] == [5, 5, 5, 5, 3]
     assert_close(torch.cat(blocks).reshape(n * k, -1), J)
     V = torch.randn(J.shape[1], 3, dtype=torch.float64)

@@ -255,10 +255,11 @@ class JacobianProducts:
     def jvp(self, V):
         """J V for V of shape (p,) or (p, m); returns (n, k) or (n, k, m)."""
         if V.ndim == 2 and self._explicit_is_cheaper(V.shape[1]):
-            # the blocks' rows are scaled already
-            return torch.cat(
-                [torch.einsum("iap,pm->iam", J, V) for _, J in self.jacobian_blocks()]
-            )
+            # the blocks' rows are scaled already; each block's rows written in place
+            JV = V.new_empty(self.n_samples, self.n_outputs, V.shape[1])
+            for rows, J in self.jacobian_blocks():
+                torch.mm(J.flatten(0, 1), V, out=JV[rows].flatten(0, 1))
+            return JV
         if self.structured is not None:  # its rows are scaled already
             return self.structured.jvp(V)
         if self.cached:
@@ -270,9 +271,11 @@ class JacobianProducts:
     def vjp(self, U):
         """Jᵀ U for U of shape (n, k) or (n, k, m); returns (p,) or (p, m)."""
         if U.ndim == 3 and self._explicit_is_cheaper(U.shape[2]):
-            # the blocks' rows are scaled already
-            blocks = self.jacobian_blocks()
-            parts = (torch.einsum("iap,iam->pm", J, U[c]) for c, J in blocks)
+            # the blocks' rows are scaled already; summed in place
+            total = U.new_zeros(self.n_params, U.shape[2])
+            for rows, J in self.jacobian_blocks():
+                total.addmm_(J.flatten(0, 1).T, U[rows].flatten(0, 1))
+            parts = (total,)
         elif self.structured is not None:  # its rows are scaled already
             parts = (self.structured.vjp(U),)
         else:
@@ -299,13 +302,11 @@ class JacobianProducts:
         (:meth:`fisher_product_fd`) when ``finite_difference``.
         """
         if V.ndim == 2 and self._explicit_is_cheaper(V.shape[1]):
-            blocks = self.jacobian_blocks()  # rows scaled already
-            return self.reduction.sum(
-                sum(
-                    torch.einsum("iap,iam->pm", J, torch.einsum("iap,pm->iam", J, V))
-                    for _, J in blocks
-                )
-            )
+            total = torch.zeros_like(V)
+            for _, J in self.jacobian_blocks():  # rows scaled already
+                rows_J = J.flatten(0, 1)
+                total.addmm_(rows_J.T, rows_J @ V)  # summed in place
+            return self.reduction.sum(total)
         if finite_difference:
             return self.fisher_product_fd(V)
         return self.vjp(self.jvp(V))

@@ -197,13 +197,14 @@ class _ChunkFeatures:
             total = total + torch.stack(JV, dim=1)
         return total
 
-    def jacobian(self, layers, rows):
+    def jacobian(self, layers, rows, buffer):
         """Explicit Jacobian rows of the samples ``rows`` of this chunk, shape
         (b, k, p): per layer g_ia z_iᵀ, written in place in the layout of the flat
-        parameter vector (``layers``: one _Layer each)."""
-        G0 = self.G[0][rows]
-        b, k = G0.shape[:2]
-        J = G0.new_empty(b, k, sum(layer.size for layer in layers))
+        parameter vector (``layers``: one _Layer each) into the first b rows of
+        ``buffer`` (at least (b, k, p))."""
+        b = rows.stop - rows.start
+        J = buffer[:b]
+        k = J.shape[1]
         start = 0
         for layer, Z, G in zip(layers, self.Z, self.G, strict=True):
             Z, G = Z[rows], G[rows]
@@ -462,8 +463,16 @@ class LayerwiseKernel:
     def jacobian_blocks(self, block_samples):
         """Yield ``(rows, J_rows)``, the explicit Jacobian (b, k, p) of at most
         ``block_samples`` consecutive samples within a chunk, from the features (no
-        autograd)."""
+        autograd).
+
+        Every block is written into one buffer: a block is valid until the next is
+        yielded (a fresh array per block cost as much kernel time in page faults as
+        the products took at p = 10⁵).
+        """
         layers = list(self._layers.values())
+        first = self._features[0].G[0]
+        rows_per_block = min(block_samples, first.shape[0])
+        buffer = first.new_empty(rows_per_block, self.n_outputs, self.n_params)
         for start, features in zip(
             range(0, self.n_samples, self.batch_size), self._features, strict=True
         ):
@@ -471,7 +480,7 @@ class LayerwiseKernel:
             for offset in range(0, size, block_samples):
                 local = slice(offset, min(offset + block_samples, size))
                 rows = slice(start + local.start, start + local.stop)
-                yield rows, features.jacobian(layers, local)
+                yield rows, features.jacobian(layers, local, buffer)
 
     def of(self, X, row_scale=None):
         """The same network's layerwise kernel over other inputs X (rows of J
