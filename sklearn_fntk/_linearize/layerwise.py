@@ -25,6 +25,14 @@ from .network import NETWORK_LOCK
 
 __all__ = ["LayerwiseKernel", "supports_structured"]
 
+# Products with m columns run over blocks of samples of a chunk whose per-layer
+# temporaries (rows, m, d_out) take at most this many bytes (at least
+# _MIN_PRODUCT_ROWS rows), near the cache: 16-column products at p = 21,825 became
+# 1.4-2x faster per column, single columns no slower, than over whole 1024-sample
+# chunks (docs/background/benchmarks.rst, "Measurements behind the defaults").
+_PRODUCT_BLOCK_BYTES = 1 << 20
+_MIN_PRODUCT_ROWS = 32
+
 # Modules applied elementwise (or as the identity in eval mode, like dropout): their
 # Jacobian is diagonal, so the per-layer split above holds. Exact types only, since a
 # subclass may override ``forward``.
@@ -140,14 +148,18 @@ class _Layer:
         return torch.cat(parts, dim=-1)
 
     def unflatten(self, V):
-        """Flat columns V (p_l, m) -> (m, d_out, d_z), the inverse of :meth:`flatten`."""
-        m, parts, start = V.shape[1], [], 0
+        """Flat columns V (p_l, m) -> (m, d_out, d_z), the inverse of :meth:`flatten`:
+        a view of a (d_z, m·d_out) array, the layout :meth:`_ChunkFeatures.product`
+        multiplies fastest."""
+        m = V.shape[1]
+        T = V.new_empty(self.d_in * self.weight + self.bias, m, self.d_out)
+        start = 0
         if self.weight:
             start = self.d_out * self.d_in
-            parts.append(V[:start].T.reshape(m, self.d_out, self.d_in))
+            T[: self.d_in] = V[:start].reshape(self.d_out, self.d_in, m).permute(1, 2, 0)
         if self.bias:
-            parts.append(V[start : start + self.d_out].T.reshape(m, self.d_out, 1))
-        return torch.cat(parts, dim=2)
+            T[-1] = V[start : start + self.d_out].T
+        return T.reshape(T.shape[0], -1).T.reshape(m, self.d_out, -1)
 
     @property
     def size(self):
@@ -169,19 +181,32 @@ class _ChunkFeatures:
         self.Z, self.G = Z, G
         self.n_outputs = G[0].shape[1]
 
-    def transpose_product(self, U):
-        """Jᵀ U per layer: U (b, k, m) -> [(m, d_out, d_z)], the parameter gradients
-        (the weight gradient and, as its last column, the bias gradient).
+    def _row_blocks(self, n_columns):
+        """Row slices of this chunk for products with ``n_columns`` columns."""
+        size, G = self.Z[0].shape[0], self.G[0]
+        row_bytes = n_columns * max(G.shape[2] for G in self.G) * G.element_size()
+        step = max(_PRODUCT_BLOCK_BYTES // row_bytes, _MIN_PRODUCT_ROWS)
+        return [slice(start, start + step) for start in range(0, size, step)]
+
+    def add_transpose_product(self, U, totals):
+        """Add Jᵀ U per layer to ``totals``: U (b, k, m); ``totals`` one (d_z, m·d_out)
+        array per layer, the parameter gradients transposed (the weight gradient and,
+        as its last row, the bias gradient, per column and output unit).
 
         (J_lᵀ u)[o, c] = Σ_i w_i[o] z_i[c] with w_i = Σ_a u_ia g_ia: broadcast products
-        over the k outputs (batched tiny matmuls are far slower), then one GEMM.
+        over the k outputs (batched tiny matmuls are far slower), then one GEMM added
+        in place, Zᵀ W: a (d_z, m·d_out) result runs at several times the rate of its
+        transpose (m·d_out, d_z) when d_z is small (docs/background/benchmarks.rst).
         """
-        b, k, m = U.shape
-        products = []
-        for Z, G in zip(self.Z, self.G, strict=True):
-            W = sum(U[:, a, :, None] * G[:, a, None, :] for a in range(k))  # (b, m, d_out)
-            products.append((W.reshape(b, -1).T @ Z).reshape(m, -1, Z.shape[1]))
-        return products
+        k = U.shape[1]
+        for rows in self._row_blocks(U.shape[2]):
+            U_rows = U[rows]
+            for Z, G, total in zip(self.Z, self.G, totals, strict=True):
+                G_rows = G[rows]
+                W = U_rows[:, 0, :, None] * G_rows[:, 0, None, :]  # (b, m, d_out)
+                for a in range(1, k):
+                    W.addcmul_(U_rows[:, a, :, None], G_rows[:, a, None, :])
+                total.addmm_(Z[rows].T, W.flatten(1))
 
     def product(self, gradients):
         """J V per layer, summed: [(m, d_out, d_z)] -> (b, k, m).
@@ -189,12 +214,14 @@ class _ChunkFeatures:
         (J_l V)_ia = g_iaᵀ (V z_i) for each column V (d_out, d_z): one GEMM for all
         V z_i, then a product and sum over d_out per output.
         """
-        total = 0
-        for Z, G, V in zip(self.Z, self.G, gradients, strict=True):
-            m, d_out, d_z = V.shape
-            VZ = (Z @ V.reshape(m * d_out, d_z).T).reshape(-1, m, d_out)  # (b, m, d_out)
-            JV = [(G[:, a, None, :] * VZ).sum(-1) for a in range(self.n_outputs)]
-            total = total + torch.stack(JV, dim=1)
+        m, k = gradients[0].shape[0], self.n_outputs
+        total = self.G[0].new_zeros(self.Z[0].shape[0], k, m)
+        for rows in self._row_blocks(m):
+            for Z, G, V in zip(self.Z, self.G, gradients, strict=True):
+                d_out, d_z = V.shape[1:]
+                VZ = (Z[rows] @ V.reshape(m * d_out, d_z).T).reshape(-1, m, d_out)
+                for a in range(k):
+                    total[rows, a] += (G[rows, a, None, :] * VZ).sum(-1)
         return total
 
     def jacobian(self, layers, rows, buffer):
@@ -413,18 +440,17 @@ class LayerwiseKernel:
 
     def _transpose_layers(self, U):
         """Jᵀ U for U of shape (n, k, m), as per-layer (m, d_out, d_z) gradients
-        summed over chunks."""
-        gradients = None
+        summed over chunks (views of (d_z, m·d_out) arrays)."""
+        m, first = U.shape[2], self._features[0]
+        totals = [
+            U.new_zeros(Z.shape[1], m * G.shape[2])
+            for Z, G in zip(first.Z, first.G, strict=True)
+        ]
         for start, features in zip(
             range(0, self.n_samples, self.batch_size), self._features, strict=True
         ):
-            part = features.transpose_product(U[start : start + self.batch_size])
-            if gradients is None:
-                gradients = part
-                continue
-            for total, new in zip(gradients, part, strict=True):
-                total += new
-        return gradients
+            features.add_transpose_product(U[start : start + self.batch_size], totals)
+        return [total.T.reshape(m, -1, total.shape[0]) for total in totals]
 
     def _apply_layers(self, gradients):
         """J applied to per-layer (m, d_out, d_z) columns, chunk by chunk: (n, k, m)."""
