@@ -85,7 +85,7 @@ def lanczos(matmat, Q, steps):
         norm = torch.linalg.vector_norm(w, dim=1)
         scale = torch.maximum(scale, alpha[j].abs() + norm)
         # β_j = ‖w‖; breakdown when it is at rounding level of ‖K‖
-        stopped = running & (norm <= d * eps * scale)
+        stopped = running & (norm <= eps * scale)
         lengths[stopped] = j + 1
         running &= ~stopped
         if not bool(running.any()):
