@@ -15,6 +15,7 @@ from torch.func import functional_call, jacrev, vmap
 from sklearn_fntk._inference.evidence import SpectralEvidence
 from sklearn_fntk._inference.hyperparameters import maximize_evidence
 from sklearn_fntk._inference.stochastic_evidence import stochastic_log_marginal_likelihood
+from sklearn_fntk._linalg.lanczos import lanczos, quadrature, rademacher
 
 NOISES = np.array([1e-2, 1e-1, 1.0, 10.0])
 PRIORS = np.array([0.1, 1.0, 10.0])
@@ -301,8 +302,6 @@ def test_float32_lanczos_quadrature_resolves_a_wide_spectrum():
     # stopped at β ≤ d·ε·‖K‖ (here 2.4e-4 of the top), after a fraction of the
     # steps, and the evidence's optimum moved with it (prior 0.25 against 45 in
     # float64 at n = 20,000, p = 4801). Float32 must give float64's quadrature.
-    from sklearn_fntk._linalg.lanczos import lanczos, quadrature, rademacher
-
     d, c, steps = 2000, 1.0, 200
     # a few large eigenvalues over a wide bulk, as in a Fisher
     top = torch.logspace(3, 6, 50, dtype=torch.float64)

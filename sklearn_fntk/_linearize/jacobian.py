@@ -275,17 +275,16 @@ class JacobianProducts:
             total = U.new_zeros(self.n_params, U.shape[2])
             for rows, J in self.jacobian_blocks():
                 total.addmm_(J.flatten(0, 1).T, U[rows].flatten(0, 1))
-            parts = (total,)
         elif self.structured is not None:  # its rows are scaled already
-            parts = (self.structured.vjp(U),)
+            total = self.structured.vjp(U)
         else:
             U = scale_rows(U, self.row_scale)
             if self.cached:
                 lins = zip(self._linearized, self.chunks, strict=True)
-                parts = (lin.vjp(U[c]) for lin, c in lins)
+                total = sum(lin.vjp(U[c]) for lin, c in lins)
             else:
-                parts = (self._chunk_vjp(self.X[c], U[c]) for c in self.chunks)
-        return self.reduction.sum(sum(parts))
+                total = sum(self._chunk_vjp(self.X[c], U[c]) for c in self.chunks)
+        return self.reduction.sum(total)
 
     def _chunk_jvp(self, X, V):
         return outputs_and_jvp(self.network, self.w, X, V, self.forward_mode)[1]

@@ -183,8 +183,8 @@ class _ChunkFeatures:
 
     def _row_blocks(self, n_columns):
         """Row slices of this chunk for products with ``n_columns`` columns."""
-        size, G = self.Z[0].shape[0], self.G[0]
-        row_bytes = n_columns * max(G.shape[2] for G in self.G) * G.element_size()
+        size, itemsize = self.Z[0].shape[0], self.G[0].element_size()
+        row_bytes = n_columns * max(G.shape[2] for G in self.G) * itemsize
         step = max(_PRODUCT_BLOCK_BYTES // row_bytes, _MIN_PRODUCT_ROWS)
         return [slice(start, start + step) for start in range(0, size, step)]
 
