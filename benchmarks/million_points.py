@@ -5,6 +5,7 @@
     python benchmarks/million_points.py --n 100000 --widths 8 256 256 128 1
     python benchmarks/million_points.py --n 100000 --autograd         # A/B: no layerwise
     python benchmarks/million_points.py --n 100000 --products         # A/B per product
+    python benchmarks/million_points.py --n 1000000 --device cuda     # on a GPU
 
 The network is an MLP (tanh; default 8-128-128-32-1, p = 21,825) trained briefly on
 2000 other samples of the same generated target (``bench_scale.trained_mlp``); inputs
@@ -150,6 +151,7 @@ def main():
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 128, 128, 32, 1])
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--fixed", action="store_true", help="fix noise and prior")
     parser.add_argument("--noise-std", type=float, default=0.1, help="of the data")
@@ -174,7 +176,12 @@ def main():
         return products(module, X, args)
     hyper = dict(noise=args.noise, prior=args.prior) if args.fixed else {}
     reg = FiniteNTKRegressor(
-        module, dtype=args.dtype, batch_size=args.batch_size, random_state=0, **hyper
+        module,
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        random_state=0,
+        **hyper,
     )
     if args.autograd:  # the A/B: products by autograd as before
         original = reg._training_jacobian
@@ -183,7 +190,7 @@ def main():
     print(
         f"n={args.n}, MLP {'-'.join(map(str, args.widths))}, {args.dtype}, "
         f"{fixed if args.fixed else 'noise and prior auto'}"
-        f", {torch.get_num_threads()} threads, products "
+        f", {args.device}, {torch.get_num_threads()} threads, products "
         f"{'by autograd' if args.autograd else 'from per-layer features'}",
         flush=True,
     )
@@ -201,6 +208,9 @@ def main():
             profiler.disable()
     total = done - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if args.device.startswith("cuda"):
+        device_peak = torch.cuda.max_memory_allocated(args.device) / 2**30
+        print(f"peak memory allocated on {args.device}: {device_peak:.2f} GiB")
     print(
         f"p={reg.n_params_}: space={reg.space_}, solver={reg.solver_}, "
         f"preconditioner={reg.preconditioner_}, variance={reg.variance_}, "

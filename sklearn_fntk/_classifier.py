@@ -23,6 +23,7 @@ from ._base import FiniteNTKBase, _to_tensor
 from ._diagnostics import actions, warn
 from ._inference.links import link_scores, probit_error_bound, probit_scores
 from ._laplace_fit import LaplaceFitMixin
+from ._precision import full_float32_precision
 from ._sharding import (
     check_same,
     check_same_parameters,
@@ -256,6 +257,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         self.distributed = distributed
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @full_float32_precision
     def fit(self, X, y, sample_weight=None):
         """Find the MAP and Laplace posterior of the linearized network on (X, y).
 
@@ -382,11 +384,14 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
                 + actions("increase max_iter", "lower prior", "use solver='dense'"),
                 ConvergenceWarning,
             )
+        if gradient <= self.tol * initial:
+            return  # the search may run Newton's method past tol; tol is what counts
         if posterior.stalled:
             warn(
-                f"Newton's method: the line search found no decrease at iteration "
-                f"{posterior.n_iter} (gradient norm {gradient:.3g}, initial "
-                f"{initial:.3g}); the gradient is likely at its rounding floor. "
+                f"Newton's method stopped at iteration {posterior.n_iter} with gradient "
+                f"norm {gradient:.3g}, above tol={self.tol:g} times its initial "
+                f"{initial:.3g}: the gradient is at its rounding floor in {self.dtype} "
+                "(its steps no longer reduce it). "
                 + actions(f"loosen tol={self.tol:g}", float64),
                 ConvergenceWarning,
             )
@@ -471,6 +476,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
                 scores[exact] = link_scores("probit", mean[exact], cov, n_classes)
             yield scores
 
+    @full_float32_precision
     def predict_latent(self, X):
         """Posterior mean and covariance of the logits at each test point.
 
@@ -498,6 +504,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         means, covariances = zip(*self._latent(X), strict=True)
         return self._numpy(torch.cat(means)), self._numpy(torch.cat(covariances))
 
+    @full_float32_precision
     def decision_function(self, X):
         """The link's scores: they rank classes as :meth:`predict_proba` does.
 
@@ -518,6 +525,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         scores = self._numpy(self._scores(X))
         return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
 
+    @full_float32_precision
     def predict_proba(self, X):
         """Predictive class probabilities under ``link``.
 
@@ -533,6 +541,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         """
         return self._numpy(torch.softmax(self._scores(X), dim=-1))
 
+    @full_float32_precision
     def predict_log_proba(self, X):
         """Logarithm of :meth:`predict_proba`, computed stably.
 
@@ -548,6 +557,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         """
         return self._numpy(torch.log_softmax(self._scores(X), dim=-1))
 
+    @full_float32_precision
     def predict(self, X):
         """The most probable class under ``link``.
 

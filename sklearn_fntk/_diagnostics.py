@@ -174,8 +174,6 @@ def check_regression_solve(estimator, posterior, scale):
         advice=estimator._conditioning_advice,
     )
     kappa = posterior.condition_number
-    if kappa is None:
-        return
     c = posterior.noise / posterior.prior
     unit = torch.finfo(delta.dtype).eps / 2
     norm = float(torch.linalg.vector_norm(delta.double()))

@@ -17,6 +17,7 @@ from sklearn.utils._param_validation import Interval, validate_parameter_constra
 from sklearn.utils.validation import check_is_fitted
 
 from ._inference.system import eigh_parts
+from ._precision import full_float32_precision
 
 __all__ = ["JointPredictiveMixin"]
 
@@ -35,6 +36,7 @@ class JointPredictiveMixin:
         self._warn_unconverged(report, "predictive covariance")
         return covariance
 
+    @full_float32_precision
     def sample_y(self, X, n_samples=1, random_state=0):
         """Draw latent functions from the posterior at X (joint over points and outputs).
 

@@ -14,6 +14,7 @@ from ._diagnostics import warn
 from ._inference.laplace import LaplacePosterior
 from ._inference.laplace_evidence import laplace_evidence, maximize_laplace_evidence
 from ._inference.laplace_loo import laplace_loo
+from ._precision import full_float32_precision
 
 __all__ = ["LaplaceFitMixin"]
 
@@ -123,6 +124,7 @@ class LaplaceFitMixin:
             generator_seed=self._seed(),
         )
 
+    @full_float32_precision
     def log_marginal_likelihood(self, return_std_error=False):
         """Laplace approximation of log p(y | X, ``prior_``) of the fitted model.
 

@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._diagnostics import warn
 from ._inference.evidence import spectral_evidence
 from ._inference.hyperparameters import fit_hyperparameters
+from ._precision import full_float32_precision
 
 __all__ = ["MarginalLikelihoodMixin"]
 
@@ -85,6 +86,7 @@ class MarginalLikelihoodMixin:
             )
         return gram, evidence, best
 
+    @full_float32_precision
     def log_marginal_likelihood(
         self,
         noise=None,

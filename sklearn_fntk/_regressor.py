@@ -24,6 +24,7 @@ from ._inference.hyperparameters import student_t_variance_factor
 from ._joint_predictive import JointPredictiveMixin
 from ._linearize.jacobian import scale_rows
 from ._marginal_likelihood import MarginalLikelihoodMixin
+from ._precision import full_float32_precision
 from ._sharding import check_same, check_same_parameters, detach
 from ._stages import NO_STAGES
 
@@ -320,6 +321,7 @@ class FiniteNTKRegressor(
         return tags
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @full_float32_precision
     def fit(self, X, y, sample_weight=None):
         """Condition the linearized-network GP on (X, y).
 
@@ -531,6 +533,7 @@ class FiniteNTKRegressor(
                 stage.step()
         return torch.cat(parts).clamp_min(0.0)
 
+    @full_float32_precision
     def predict(self, X, return_std=False, return_cov=False, include_noise=False):
         """Predictive mean, and optionally std or covariance.
 
@@ -590,6 +593,7 @@ class FiniteNTKRegressor(
             return mean, per_output[:, :, 0] if self._y_ndim == 1 else per_output
         return mean
 
+    @full_float32_precision
     def predict_std(self, X, include_noise=False):
         """Predictive standard deviation.
 

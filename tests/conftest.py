@@ -1,7 +1,32 @@
-"""Settings shared by every test module."""
+"""Settings shared by every test module.
+
+``SKLEARN_FNTK_TEST_DEVICE=cuda pytest`` runs the suite with the estimators' default
+``device`` set to ``cuda``: every estimator a test builds without naming a device fits
+and predicts there, against the same float64 references computed on the CPU. Tests
+that name ``device="cpu"`` and the lower layers' tests stay on the CPU.
+"""
+
+import os
 
 import pytest
 import torch
+
+from sklearn_fntk import FiniteNTKClassifier, FiniteNTKRegressor
+
+TEST_DEVICE = os.environ.get("SKLEARN_FNTK_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def estimators_default_to_the_test_device():
+    """The estimators' default ``device`` is ``TEST_DEVICE`` for the session."""
+    defaults = [
+        cls.__init__.__kwdefaults__ for cls in (FiniteNTKRegressor, FiniteNTKClassifier)
+    ]
+    for kwdefaults in defaults:
+        kwdefaults["device"] = TEST_DEVICE
+    yield
+    for kwdefaults in defaults:
+        kwdefaults["device"] = "cpu"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,6 +16,7 @@ from classifier_reference import (
     linearize,
 )
 from scipy.optimize import minimize_scalar
+from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_fntk import FiniteNTKClassifier
 from sklearn_fntk._inference.laplace_evidence import laplace_evidence
@@ -192,6 +193,19 @@ def test_auto_prior_fits_quietly_and_reports(case, caplog):
     assert search.details["priors_tried"] == clf.n_evidence_evaluations_
     assert f"prior={clf.prior_:.3g}" in search.getMessage()
     assert math.isfinite(clf.log_marginal_likelihood())
+
+
+@pytest.mark.parametrize("space", list(DENSE))
+def test_float32_search_stops_newton_at_its_rounding_floor(case, space):
+    """The dense search runs Newton's method to 1e-10, below float32's rounding floor:
+    each prior's Newton steps stop once they no longer halve the gradient (they ran
+    to max_newton_iter=100 before, 11x the time), quietly, at float64's optimum."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        clf = FiniteNTKClassifier(case["net"], dtype="float32", **DENSE[space])
+        clf.fit(case["X"], case["y"])
+    assert clf._posterior.stalled and clf.n_newton_iter_ <= 10
+    assert clf.prior_ == pytest.approx(case["optimum"], rel=1e-3)
 
 
 # -- prior="loo" -----------------------------------------------------------------------

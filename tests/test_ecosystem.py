@@ -145,21 +145,39 @@ def test_pickle_and_joblib_round_trips_predict_identically(diabetes, solver):
         np.testing.assert_array_equal(copy_std, std)
 
 
-def tensors_in(obj, seen=None):
-    """Every torch tensor reachable from obj through containers and attributes."""
+def tensors_in(obj, seen=None, kind=torch.Tensor):
+    """Every torch tensor (or other ``kind``) reachable from obj through containers
+    and attributes."""
     seen = set() if seen is None else seen
     if id(obj) in seen or isinstance(obj, (type, str, bytes, np.ndarray)):
         return []
     seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, kind):
         return [obj]
+    if isinstance(obj, torch.Tensor):
+        return []
     if isinstance(obj, dict):
         children = list(obj.values())
     elif isinstance(obj, (list, tuple, set)):
         children = list(obj)
     else:
         children = list(getattr(obj, "__dict__", {}).values())
-    return [tensor for child in children for tensor in tensors_in(child, seen)]
+    return [found for child in children for found in tensors_in(child, seen, kind)]
+
+
+@pytest.mark.parametrize("estimator", ["regressor", "classifier"])
+def test_fitted_state_holds_no_random_generator(diabetes, estimator):
+    """The Nyström sketches' generator is not kept: a CUDA generator in the state
+    made a classifier fitted on a GPU fail to unpickle on a CPU-only machine, and
+    shared random state is not thread-safe."""
+    X, y = diabetes
+    X = StandardScaler().fit_transform(X)
+    options = dict(solver="cg", preconditioner="nystrom", random_state=0)
+    if estimator == "regressor":
+        model = FiniteNTKRegressor(mlp(), noise=0.3, prior=1.0, **options).fit(X, y)
+    else:
+        model = FiniteNTKClassifier(mlp(), prior=1.0, **options).fit(X, y > 0)
+    assert tensors_in(model, kind=torch.Generator) == []
 
 
 @pytest.fixture

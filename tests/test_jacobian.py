@@ -26,7 +26,12 @@ from sklearn_fntk._linearize.network import FunctionalNetwork
 
 CACHED, UNCACHED = 1 << 30, 0
 # Products by autograd, or from the layerwise kernel's per-layer features.
-LAYERWISE = pytest.mark.parametrize("layerwise", [False, True], ids=["autograd", "layers"])
+# (the features kept per setup chunk, as on the CPU, or merged by two, as on a GPU)
+LAYERWISE = pytest.mark.parametrize(
+    "layerwise",
+    [False, "setup-chunks", "merged-chunks"],
+    ids=["autograd", "layers", "merged"],
+)
 RTOL = 1e-10
 
 
@@ -43,7 +48,10 @@ def setup(module, X, parameters=None, batch_size=7, cache_bytes=UNCACHED, layerw
     X_tensor = torch.as_tensor(X)
     structured = None
     if layerwise:
-        structured = LayerwiseKernel(network, X_tensor, batch_size=batch_size)
+        chunk_rows = 2 * batch_size if layerwise == "merged-chunks" else None
+        structured = LayerwiseKernel(
+            network, X_tensor, batch_size=batch_size, chunk_rows=chunk_rows
+        )
     products = JacobianProducts(
         network,
         network.theta,
@@ -122,10 +130,11 @@ def test_parameter_subset_products(cache_bytes, layerwise):
 # 4 columns through the features' products, 2·EXPLICIT_MIN_COLUMNS (k = 2) through
 # explicit blocks built from them
 @pytest.mark.parametrize("n_columns", [1, 4, 2 * EXPLICIT_MIN_COLUMNS])
-def test_layerwise_products_match_explicit_jacobian(batch_size, n_columns):
+@pytest.mark.parametrize("chunks", ["setup-chunks", "merged-chunks"])
+def test_layerwise_products_match_explicit_jacobian(batch_size, n_columns, chunks):
     X, _, _ = regression_data(n=30, n_outputs=2, seed=10)
     module = mlp(n_out=2, seed=10)
-    products, outputs, J = setup(module, X, None, batch_size, layerwise=True)
+    products, outputs, J = setup(module, X, None, batch_size, layerwise=chunks)
     assert products.cached and products.cached_bytes > 0
     assert products._explicit_is_cheaper(n_columns) == (n_columns > 4)
     check_products(products, outputs, J, n_columns=n_columns)
@@ -138,7 +147,9 @@ def test_explicit_jacobian_blocks_and_outputs_and_jvp(layerwise):
     n, k = outputs.shape
     # a block is valid until the next is yielded (one buffer): copies kept
     blocks = [block.clone() for _, block in products.jacobian_blocks()]
-    assert [b.shape[0] for b in blocks] == [5, 5, 5, 5, 3]
+    # blocks of the 5-sample setup chunks, or of the 10-sample merged ones
+    merged = layerwise == "merged-chunks"
+    assert [b.shape[0] for b in blocks] == ([10, 10, 3] if merged else [5, 5, 5, 5, 3])
     assert_close(torch.cat(blocks).reshape(n * k, -1), J)
     V = torch.randn(J.shape[1], 3, dtype=torch.float64)
     for forward_mode in (True, False):
@@ -179,7 +190,7 @@ def test_subsample_is_a_rescaled_random_subset_of_the_rows(weighted, n_samples, 
         products.row_scale = weights.sqrt()
         J = J * weights.sqrt().repeat_interleave(k)[:, None]
     drawn, sub = products.subsample(n_samples, torch.Generator().manual_seed(0))
-    assert (sub.structured is not None) == layerwise
+    assert (sub.structured is not None) == bool(layerwise)
     assert sub.n_samples == n_samples and sub.batch_size == products.batch_size
     assert len(set(drawn.tolist())) == n_samples and bool((drawn.diff() > 0).all())
     assert_close(sub.X, X[drawn.numpy()])

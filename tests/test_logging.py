@@ -212,7 +212,8 @@ def test_verbose_writes_to_stderr_where_nothing_is_configured(verbose):
         assert lines == []
     else:
         assert lines[0].startswith("FiniteNTKRegressor.fit: validation and network copy")
-        assert lines[-1].startswith("FiniteNTKRegressor.fit: solve (dense, ")
+        assert lines[-2].startswith("FiniteNTKRegressor.fit: solve (dense, ")
+        assert lines[-1].startswith("FiniteNTKRegressor.fit: condition number")
         assert all(line.endswith(" s") for line in lines)
 
 

@@ -42,15 +42,26 @@ CASES = {
 }
 
 
-@pytest.fixture(params=list(CASES), scope="module")
+# Features kept per setup chunk (the CPU's default), or concatenated into chunks of at
+# least 8 samples (as on a GPU, where chunks reach 65,536): 11 samples make one merged
+# chunk of 8 and a ragged one of 3.
+CHUNKS = {"setup-chunks": None, "merged-chunks": 8}
+
+
+@pytest.fixture(
+    params=[(name, chunks) for name in CASES for chunks in CHUNKS],
+    ids=lambda param: "-".join(param),
+    scope="module",
+)
 def case(request):
-    build, parameters, shape = CASES[request.param]
+    name, chunks = request.param
+    build, parameters, shape = CASES[name]
     torch.manual_seed(0)
     network = FunctionalNetwork(build(), parameters, dtype=DTYPE, device="cpu")
     X = torch.randn(*shape, dtype=DTYPE)
     X_test = torch.randn(5, *shape[1:], dtype=DTYPE)
     # batch_size 4 leaves a ragged last chunk.
-    kernel = LayerwiseKernel(network, X, batch_size=4)
+    kernel = LayerwiseKernel(network, X, batch_size=4, chunk_rows=CHUNKS[chunks])
     return network, X, X_test, kernel, reference_jacobian(network, X)
 
 
@@ -63,6 +74,8 @@ def test_outputs_and_shapes(case):
     network, X, _, kernel, J = case
     torch.testing.assert_close(kernel.outputs, network(network.theta, X))
     assert kernel.size == J.shape[0] == X.shape[0] * kernel.n_outputs
+    rows = [chunk.n_rows for chunk in kernel._features]
+    assert rows == ([4, 4, 3] if kernel.chunk_rows == 4 else [8, 3])
 
 
 def test_dense_matches_jacobian(case):

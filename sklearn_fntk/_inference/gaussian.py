@@ -73,10 +73,10 @@ class GaussianPosterior:
         Posterior mean of w - θ, after :meth:`fit`.
     report : CGResult
         The fit solve's report.
-    condition_number : float or None
-        κ of the system solved by CG (see ``LinearSystem.condition_number``): in a
-        dtype of unit roundoff u, rounding alone may move δ, and the predictive
-        mean, by about u·κ (relative); None for the dense solver.
+    condition_number : float
+        κ of the system solved (see ``LinearSystem.condition_number``): in a dtype
+        of unit roundoff u, rounding alone may move δ, and the predictive mean, by
+        about u·κ (relative), by CG or by the dense factor.
     rank : int
         Rank of the preconditioner or low-rank variance built (0 if none).
     low_rank : LowRankVariance or None
@@ -223,10 +223,8 @@ class GaussianPosterior:
         reduction, r = self.jacobian.reduction, self.residuals
         self.residual_sq_norm = reduction.sum_float(r @ r)
         self.n_rows = int(reduction.sum_float(r.numel()))
-        self.condition_number = None
-        if choices.solver == "cg":
-            with stages("condition number"):
-                self.condition_number = system.condition_number(generator)
+        with stages("condition number"):
+            self.condition_number = system.condition_number(generator)
         variance_system = system
         factored = choices.variance == "exact" and choices.solver == "cg"
         itemsize = self.jacobian.w.element_size()

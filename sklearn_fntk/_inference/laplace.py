@@ -52,6 +52,9 @@ __all__ = ["LaplacePosterior", "class_logits"]
 # Armijo's sufficient-decrease constant and the backtracking limit of the line search.
 _ARMIJO = 1e-4
 _MAX_HALVINGS = 40
+# Steps running that fail to halve ‖g‖ near the optimum before Newton's method stops
+# at the rounding floor.
+_STAGNANT_STEPS = 2
 # Guards the low-rank covariance built at the first probit prediction (one per posterior).
 _LOW_RANK_LOCK = threading.Lock()
 _ADVICE = {
@@ -115,8 +118,10 @@ class LaplacePosterior:
     converged : bool
         Whether ‖g‖ ≤ tol·‖g₀‖ was reached.
     stalled : bool
-        Whether the line search found no decrease (the gradient at its rounding
-        floor).
+        Whether Newton's method stopped at the gradient's rounding floor: the line
+        search found no decrease, or, once ‖g‖ ≤ √ε·‖g₀‖ (ε of the dtype), two
+        steps running failed to halve ‖g‖ (Newton's method converges superlinearly
+        there, so only rounding keeps it from doing so).
     gradient_norm, initial_gradient_norm : float
         ‖g‖ at δ̂ and at δ = 0.
     objective : float
@@ -177,7 +182,6 @@ class LaplacePosterior:
         -------
         self
         """
-        self._generator = generator
         self.gram = None
         if self.choices.solver == "dense":
             self._check_dense()
@@ -189,14 +193,14 @@ class LaplacePosterior:
                     gram = operator.gram_dense()
             self.gram = gram
         with stages("Newton's method", total=self.max_newton_iter) as stage:
-            self.probs = self._newton(start, stage)
+            self.probs = self._newton(start, generator, stage)
             stage.note(
                 prior=self.prior,
                 iterations=self.n_iter,
                 cg_iterations=self.cg_iterations,
                 gradient_norm=self.gradient_norm,
             )
-        self.system = self._system(self.probs)
+        self.system = self._system(self.probs, generator)
         return self
 
     def _check_dense(self):
@@ -226,8 +230,11 @@ class LaplacePosterior:
             what = "Laplace system B"
         return operator, what
 
-    def _system(self, probs):
-        """The solver of H at the probabilities π (see :meth:`_operator`)."""
+    def _system(self, probs, generator):
+        """The solver of H at the probabilities π (see :meth:`_operator`), its
+        Nyström sketch drawn from ``generator`` (not kept: a fitted posterior holds
+        no random state, which would neither pickle across devices nor be safe to
+        share between threads)."""
         operator, what = self._operator(probs)
         system = LinearSystem(
             operator, solver=self.choices.solver, tol=self.tol, max_iter=self.max_iter
@@ -237,7 +244,7 @@ class LaplacePosterior:
             self.choices.preconditioner,
             rank=None,
             tol=self.tol,
-            generator=self._generator,
+            generator=generator,
             policy=self.policy,
         )
         return system.build(
@@ -283,9 +290,10 @@ class LaplacePosterior:
 
     # -- Newton's method ------------------------------------------------------------------
 
-    def _newton(self, start, stage):
-        """Minimize eq. (1) from ``start`` (None: 0), a step of ``stage`` per
-        iteration; sets the Newton attributes (see the class docstring).
+    def _newton(self, start, generator, stage):
+        """Minimize eq. (1) from ``start`` (None: 0), its systems' sketches drawn
+        from ``generator``, a step of ``stage`` per iteration; sets the Newton
+        attributes (see the class docstring).
 
         Returns the probabilities π at δ̂.
         """
@@ -303,12 +311,15 @@ class LaplacePosterior:
         stopping = self.tol * initial_norm
         self.cg_iterations = self.unconverged_solves = self.drifted_solves = 0
         self.converged = self.stalled = False
-        iteration = 0
+        rounding_regime = math.sqrt(torch.finfo(delta.dtype).eps) * initial_norm
+        iteration = stagnant = 0
         while iteration < self.max_newton_iter:
             iteration += 1
             forcing = self._forcing(gradient_norm, initial_norm)
             # the system is dropped once solved: one (and its factor) at a time
-            step, solve = self._inverse(self._system(probs), -gradient[:, None], forcing)
+            step, solve = self._inverse(
+                self._system(probs, generator), -gradient[:, None], forcing
+            )
             cg_iterations = int(solve.n_iter.max())
             self.cg_iterations += cg_iterations
             self.unconverged_solves += not solve.all_converged
@@ -325,6 +336,7 @@ class LaplacePosterior:
             delta = delta + step_size * step
             logits = logits + step_size * direction
             gradient = self._gradient(probs, delta)
+            previous_norm = gradient_norm
             gradient_norm = float(torch.linalg.vector_norm(gradient))
             stage.step(
                 objective=objective,
@@ -334,6 +346,11 @@ class LaplacePosterior:
             )
             if gradient_norm <= stopping:
                 self.converged = True
+                break
+            halved = gradient_norm <= previous_norm / 2
+            stagnant = 0 if halved or gradient_norm > rounding_regime else stagnant + 1
+            if stagnant == _STAGNANT_STEPS:
+                self.stalled = True
                 break
         self.delta, self.n_iter = delta, iteration
         self.objective, self.gradient_norm = objective, gradient_norm

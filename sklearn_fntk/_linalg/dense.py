@@ -44,15 +44,16 @@ def cholesky(matrix, what, advice):
         When the factorisation breaks down (the matrix is not numerically positive
         definite in its dtype).
     """
+    # Checked before the factorisation: after a breakdown LAPACK leaves the rest of
+    # the matrix as it was, but cuSOLVER fills it with NaN.
+    if not _all_finite(matrix):
+        raise FloatingPointError(f"The {what} has NaN or infinite entries.")
     column_major = matrix.contiguous().mT  # Mᵀ: its upper triangle is M's lower
     info = column_major.new_empty((), dtype=torch.int32)
     torch.linalg.cholesky_ex(column_major, upper=True, out=(column_major, info))
     factor = column_major.mT  # L, row-major
     if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
         return factor
-    # A breakdown leaves finite entries finite: NaN or inf now were there before.
-    if not _all_finite(factor):
-        raise FloatingPointError(f"The {what} has NaN or infinite entries.")
     raise ValueError(
         f"The {what} is not numerically positive definite in {matrix.dtype}; {advice}."
     )

@@ -16,6 +16,8 @@ are stored: memory O(n·k·Σ widths), never O(n·p). Rows and columns are index
 sample·k + output, the (n, k) row-major flattening used across the package.
 """
 
+import bisect
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -32,6 +34,18 @@ __all__ = ["LayerwiseKernel", "supports_structured"]
 # chunks (docs/background/benchmarks.rst, "Measurements behind the defaults").
 _PRODUCT_BLOCK_BYTES = 1 << 20
 _MIN_PRODUCT_ROWS = 32
+# On a GPU a product's cost over 1024-sample chunks is kernel launches, not flops: at
+# n = 10⁶, p = 21,825 on an H200, single-column products took 0.26 s each, against
+# 1.7 ms per column in 512-column ones. There the training features are kept in
+# chunks of at least _GPU_CHUNK_ROWS samples, and products run over blocks of up to
+# _GPU_PRODUCT_BLOCK_BYTES.
+_GPU_CHUNK_ROWS = 1 << 16
+_GPU_PRODUCT_BLOCK_BYTES = 1 << 28
+
+
+def _on_cpu(tensor):
+    return tensor.device.type == "cpu"
+
 
 # Modules applied elementwise (or as the identity in eval mode, like dropout): their
 # Jacobian is diagonal, so the per-layer split above holds. Exact types only, since a
@@ -179,13 +193,23 @@ class _ChunkFeatures:
 
     def __init__(self, Z, G):
         self.Z, self.G = Z, G
-        self.n_outputs = G[0].shape[1]
+        self.n_rows, self.n_outputs = G[0].shape[:2]
+
+    @classmethod
+    def concatenate(cls, chunks):
+        """One chunk of the samples of consecutive ``chunks``."""
+        if len(chunks) == 1:
+            return chunks[0]
+        Z = [torch.cat(layer) for layer in zip(*(chunk.Z for chunk in chunks), strict=True)]
+        G = [torch.cat(layer) for layer in zip(*(chunk.G for chunk in chunks), strict=True)]
+        return cls(Z, G)
 
     def _row_blocks(self, n_columns):
         """Row slices of this chunk for products with ``n_columns`` columns."""
-        size, itemsize = self.Z[0].shape[0], self.G[0].element_size()
+        itemsize = self.G[0].element_size()
         row_bytes = n_columns * max(G.shape[2] for G in self.G) * itemsize
-        step = max(_PRODUCT_BLOCK_BYTES // row_bytes, _MIN_PRODUCT_ROWS)
+        budget = _PRODUCT_BLOCK_BYTES if _on_cpu(self.G[0]) else _GPU_PRODUCT_BLOCK_BYTES
+        step, size = max(budget // row_bytes, _MIN_PRODUCT_ROWS), self.n_rows
         return [slice(start, start + step) for start in range(0, size, step)]
 
     def add_transpose_product(self, U, totals):
@@ -215,7 +239,7 @@ class _ChunkFeatures:
         V z_i, then a product and sum over d_out per output.
         """
         m, k = gradients[0].shape[0], self.n_outputs
-        total = self.G[0].new_zeros(self.Z[0].shape[0], k, m)
+        total = self.G[0].new_zeros(self.n_rows, k, m)
         for rows in self._row_blocks(m):
             for Z, G, V in zip(self.Z, self.G, gradients, strict=True):
                 d_out, d_z = V.shape[1:]
@@ -285,7 +309,11 @@ class LayerwiseKernel:
     X : torch.Tensor of shape (n, ...)
         Training inputs; a sample is a vector, or is flattened by a leading Flatten.
     batch_size : int
-        Samples per chunk in the setup passes and in the products.
+        Samples per chunk in the setup passes and, on the CPU, in the products.
+    chunk_rows : int or None, default=None
+        Least samples per chunk of the training features kept for the products (the
+        last chunk may have fewer): consecutive setup chunks are concatenated up to
+        it. None: ``batch_size`` on the CPU, at least 65,536 on other devices.
     row_scale : torch.Tensor of shape (n,) or None, default=None
         Per-sample factors of the training rows of J (√w for sample weights w): the
         kernel is then diag(row_scale) J Jᵀ diag(row_scale), by scaling each sample's
@@ -300,14 +328,17 @@ class LayerwiseKernel:
         The network's outputs f(θ, X), a by-product of the setup.
     """
 
-    def __init__(self, network, X, *, batch_size, row_scale=None):
+    def __init__(self, network, X, *, batch_size, chunk_rows=None, row_scale=None):
         if not supports_structured(network.module, network.names):
             raise ValueError(
                 "LayerwiseKernel needs an nn.Sequential of Linear layers and "
                 "elementwise activations whose linearized parameters are Linear "
                 "weights and biases; check supports_structured first."
             )
-        self.batch_size, self._network = batch_size, network
+        if chunk_rows is None:
+            on_cpu = _on_cpu(network.theta)
+            chunk_rows = batch_size if on_cpu else max(batch_size, _GPU_CHUNK_ROWS)
+        self.batch_size, self.chunk_rows, self._network = batch_size, chunk_rows, network
         self._leaves = _leaf_layers(network.module)
         names = set(network.names)
         self._layers = {
@@ -324,12 +355,18 @@ class LayerwiseKernel:
         self._values = network.unflatten(network.theta)
         self._copies_input = network.copies_input
         self.n_samples = X.shape[0]
-        self._features, outputs = [], []
+        self._features, self._starts, pending, outputs = [], [], [], []
         for start in range(0, self.n_samples, batch_size):
             rows = slice(start, start + batch_size)
             features, out = self._chunk_features(X[rows], row_scale, rows)
-            self._features.append(features)
+            if not pending:
+                self._starts.append(start)
+            pending.append(features)
             outputs.append(out)
+            stop = start + batch_size
+            if stop - self._starts[-1] >= chunk_rows or stop >= self.n_samples:
+                self._features.append(_ChunkFeatures.concatenate(pending))
+                pending = []
         self.outputs = torch.cat(outputs)
         self.n_outputs = self.outputs.shape[1]
         self.size = self.n_samples * self.n_outputs
@@ -421,7 +458,8 @@ class LayerwiseKernel:
         layers = list(zip(self._features[0].Z, self._features[0].G, strict=True))
         widths = sum(Z.shape[1] + k * G.shape[2] for Z, G in layers)
         params = sum(Z.shape[1] * G.shape[2] for Z, G in layers)
-        block_bytes = self.batch_size * k * self.size * U.element_size()
+        rows = max(chunk.n_rows for chunk in self._features)
+        block_bytes = rows * k * self.size * U.element_size()
         fits = block_bytes <= EXPLICIT_BLOCK_BYTES
         if fits and (n * k) * (m + widths) < 2 * m * params:
             return self._matmat_by_gram_rows(U)
@@ -446,10 +484,8 @@ class LayerwiseKernel:
             U.new_zeros(Z.shape[1], m * G.shape[2])
             for Z, G in zip(first.Z, first.G, strict=True)
         ]
-        for start, features in zip(
-            range(0, self.n_samples, self.batch_size), self._features, strict=True
-        ):
-            features.add_transpose_product(U[start : start + self.batch_size], totals)
+        for start, features in zip(self._starts, self._features, strict=True):
+            features.add_transpose_product(U[start : start + features.n_rows], totals)
         return [total.T.reshape(m, -1, total.shape[0]) for total in totals]
 
     def _apply_layers(self, gradients):
@@ -499,10 +535,8 @@ class LayerwiseKernel:
         first = self._features[0].G[0]
         rows_per_block = min(block_samples, first.shape[0])
         buffer = first.new_empty(rows_per_block, self.n_outputs, self.n_params)
-        for start, features in zip(
-            range(0, self.n_samples, self.batch_size), self._features, strict=True
-        ):
-            size = features.Z[0].shape[0]
+        for start, features in zip(self._starts, self._features, strict=True):
+            size = features.n_rows
             for offset in range(0, size, block_samples):
                 local = slice(offset, min(offset + block_samples, size))
                 rows = slice(start + local.start, start + local.stop)
@@ -512,7 +546,11 @@ class LayerwiseKernel:
         """The same network's layerwise kernel over other inputs X (rows of J
         scaled by ``row_scale``)."""
         return LayerwiseKernel(
-            self._network, X, batch_size=self.batch_size, row_scale=row_scale
+            self._network,
+            X,
+            batch_size=self.batch_size,
+            chunk_rows=self.chunk_rows,
+            row_scale=row_scale,
         )
 
     def diagonal(self, features=None):
@@ -533,8 +571,8 @@ class LayerwiseKernel:
         (J Jᵀ)[(j, b), (i, a)] = Σ_l (z_j·z_i)(g_jb·g_ia), from sample i's features.
         """
         sample, output = divmod(int(index), self.n_outputs)
-        source = self._features[sample // self.batch_size]
-        row = sample % self.batch_size
+        chunk = bisect.bisect_right(self._starts, sample) - 1
+        source, row = self._features[chunk], sample - self._starts[chunk]
         z = [Z[row] for Z in source.Z]
         g = [G[row, output] for G in source.G]
         return torch.cat([features.column(z, g) for features in self._features])
