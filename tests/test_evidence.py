@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_DEVICE
 from torch.func import functional_call, jacrev, vmap
 
 from sklearn_fntk._inference.evidence import SpectralEvidence
@@ -321,3 +322,35 @@ def test_float32_lanczos_quadrature_resolves_a_wide_spectrum():
     torch.testing.assert_close(
         estimates[torch.float32], estimates[torch.float64], rtol=1e-3, atol=0
     )
+
+
+def test_lanczos_evidence_is_evaluated_in_float64_on_the_cpu():
+    # Whatever the dtype and device of the products. The parameter-space weights were
+    # kept on the products' device: on CUDA evaluating the evidence then mixed
+    # devices and failed (SKLEARN_FNTK_TEST_DEVICE=cuda runs this there). J has
+    # orthogonal columns, so that F = JᵀJ is diagonal: ±1 probes and 12 Lanczos
+    # steps make the quadrature exact, whichever device draws the probes.
+    generator = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(60, 12, generator=generator, dtype=torch.float64))[0]
+    J = Q * torch.linspace(0.5, 3.0, 12, dtype=torch.float64)
+    r = torch.linspace(-1.0, 1.0, 60, dtype=torch.float64)
+    J32, r32 = J.to(TEST_DEVICE, torch.float32), r.to(TEST_DEVICE, torch.float32)
+    options = dict(
+        quadratic_steps=12,
+        log_det_steps=12,
+        n_probes=4,
+        generator=torch.Generator(device=TEST_DEVICE).manual_seed(0),
+    )
+    evidence = SpectralEvidence.from_lanczos(
+        lambda V: J32.T @ (J32 @ V),
+        J32.T @ r32,
+        space="parameter",
+        size=60,
+        residual_sq_norm=float(r32 @ r32),
+        options=options,
+    )
+    tensors = [value for value in vars(evidence).values() if torch.is_tensor(value)]
+    assert len(tensors) >= 5
+    assert all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors)
+    exact = dense_lml(J @ J.T, r, 0.1, 2.0)
+    assert evidence.log_marginal_likelihood(0.1, 2.0) == pytest.approx(exact, rel=1e-5)

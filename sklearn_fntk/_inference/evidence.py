@@ -302,7 +302,7 @@ class SpectralEvidence:
             / nodes.clamp_min(torch.finfo(nodes.dtype).tiny).sqrt()
         )
         evidence = cls(nodes, z, residual_sq_norm, size, space="parameter", log_det=log_det)
-        evidence._weighted = start_norm**2 * weights
+        evidence._weighted = start_norm**2 * _float64(weights)
         return evidence
 
     def mean_kernel_diagonal(self):
@@ -312,17 +312,15 @@ class SpectralEvidence:
 
     # -- evaluation ---------------------------------------------------------------------
 
-    def _pairs(self, noise, prior):
-        """Broadcast noise and prior; return their shape and flat float64 tensors on
-        the device of the spectrum."""
+    @staticmethod
+    def _pairs(noise, prior):
+        """Broadcast noise and prior; return their shape and flat float64 tensors."""
         noise, prior = np.broadcast_arrays(
             np.asarray(noise, dtype=np.float64), np.asarray(prior, dtype=np.float64)
         )
         if not (np.all(noise > 0) and np.all(prior > 0)):
             raise ValueError("noise and prior must be positive.")
-        device = self.eigenvalues.device
-        flat = (torch.from_numpy(values.ravel()).to(device) for values in (noise, prior))
-        return noise.shape, *flat
+        return noise.shape, torch.from_numpy(noise.ravel()), torch.from_numpy(prior.ravel())
 
     def _terms(self, noise, prior):
         """q = rᵀK⁻¹r, log|K| and the gradient pieces h, Σσ²/D + (d - m), Σsλ/D of eq. (4).
@@ -373,11 +371,11 @@ class SpectralEvidence:
                 d_noise = 0.5 * (q - h) - 0.5 * noise_share
                 d_prior = 0.5 * h - 0.5 * prior_share
                 gradients.append(torch.stack([d_noise, d_prior], dim=-1))
-        value = torch.cat(values).reshape(shape).cpu().numpy()
+        value = torch.cat(values).reshape(shape).numpy()
         value = float(value) if shape == () else value
         if not eval_gradient:
             return value
-        return value, torch.cat(gradients).reshape(*shape, 2).cpu().numpy()
+        return value, torch.cat(gradients).reshape(*shape, 2).numpy()
 
     def posterior_mean_coefficients(self, noise, prior):
         """What the posterior mean needs, for every broadcast pair, refactorising nothing.
@@ -405,7 +403,7 @@ class SpectralEvidence:
         else:
             weights = prior[:, None] * self.eigenvalues.sqrt() * self.coefficients / D
         coefficients = self.vectors @ weights.T  # (d or p, b)
-        return coefficients.reshape(-1, *shape).cpu().numpy()
+        return coefficients.reshape(-1, *shape).numpy()
 
 
 def spectral_evidence(
