@@ -7,6 +7,8 @@ prediction API) for size; it reads the estimator's parameters and turns the repo
 parameter to change.
 """
 
+import math
+
 import torch
 from sklearn.utils.validation import check_is_fitted
 
@@ -80,7 +82,10 @@ class LaplaceFitMixin:
         if loo:
             xtol, name = max(self.tol, LOO_SEARCH_XTOL), "leave-one-out search"
         else:
-            xtol = self.tol if exact else max(self.tol, STOCHASTIC_SEARCH_XTOL)
+            # the exact derivative is only as accurate as the dtype: finer than √ε
+            # Brent's method chases rounding (float32: 11-16 priors instead of 7)
+            rounding = math.sqrt(torch.finfo(self._torch_dtype).eps)
+            xtol = max(self.tol, rounding if exact else STOCHASTIC_SEARCH_XTOL)
             name = "evidence search"
         with stages(f"{name} (prior={self.prior!r})") as stage:
             search = maximize_laplace_evidence(
