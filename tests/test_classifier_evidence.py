@@ -110,7 +110,9 @@ def test_auto_prior_is_the_reference_optimum(case, space):
     reference = laplace_reference(
         case["net"], case["X"], case["y"], case["X"][:5], prior=clf.prior_
     )
-    np.testing.assert_allclose(clf.delta_.numpy(), reference["delta"], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(
+        clf.delta_.cpu().numpy(), reference["delta"], rtol=1e-7, atol=1e-9
+    )
 
 
 CG = {

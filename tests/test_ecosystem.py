@@ -198,7 +198,7 @@ def fitted_on_cuda(monkeypatch):
 
 def test_pickled_state_of_a_gpu_fit_holds_cpu_copies(diabetes, fitted_on_cuda):
     X, y = diabetes
-    regressor = FiniteNTKRegressor(mlp(), noise=0.3).fit(X, y)
+    regressor = FiniteNTKRegressor(mlp(), noise=0.3, device="cpu").fit(X, y)
     state = regressor.__getstate__()
     assert state["_pickled_devices"] == {"fitted": "cuda:0", "network": "cuda:0"}
     assert "_pickled_devices" not in vars(regressor)
@@ -217,10 +217,10 @@ def test_gpu_fit_loads_on_a_cpu_only_machine(diabetes, fitted_on_cuda, estimator
     X, y = diabetes
     X = StandardScaler().fit_transform(X)
     if estimator == "regressor":
-        model, target = FiniteNTKRegressor(mlp(), noise=0.3), y
+        model, target = FiniteNTKRegressor(mlp(), noise=0.3, device="cpu"), y
         methods = ["predict", "predict_std"]
     else:
-        model, target = FiniteNTKClassifier(mlp()), y > 0
+        model, target = FiniteNTKClassifier(mlp(), device="cpu"), y > 0
         methods = ["predict_proba", "decision_function"]
     model.fit(X[:100], target[:100])
     expected = {method: getattr(model, method)(X[100:]) for method in methods}
@@ -295,7 +295,7 @@ def test_clone_copies_the_network_independently(diabetes):
     for tensor, weights in zip(
         regressor.network_.parameters(), original_weights, strict=True
     ):
-        torch.testing.assert_close(tensor.detach().float(), weights, rtol=0, atol=0)
+        torch.testing.assert_close(tensor.detach().float().cpu(), weights, rtol=0, atol=0)
 
 
 def test_pandas_feature_names_follow_scikit_learn(diabetes):
@@ -347,7 +347,9 @@ class StandardizedMean(torch.nn.Module):
     def __init__(self, net, loc, scale):
         super().__init__()
         self.net = net
-        self.loc, self.scale = torch.as_tensor(loc), torch.as_tensor(scale)
+        # buffers, so that the estimator's .to(device) moves them with the network
+        self.register_buffer("loc", torch.as_tensor(loc))
+        self.register_buffer("scale", torch.as_tensor(scale))
 
     def forward(self, x):
         out = self.net(x)

@@ -233,7 +233,8 @@ def test_tiny_data_do_not_collapse_the_noise():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reg = FiniteNTKRegressor(net, random_state=0).fit(X, y)
-    outputs = reg.network_(torch.as_tensor(X)).detach().numpy()[:, 0]
+    X_there = torch.as_tensor(X, device=reg.delta_.device)
+    outputs = reg.network_(X_there).detach().cpu().numpy()[:, 0]
     v = np.mean((y - outputs) ** 2)
     assert 0.1 * NOISE_MODE * v < reg.noise_ < 10 * NOISE_MODE * v
 

@@ -339,7 +339,9 @@ def test_classifier_matches_weighted_reference(n_classes, n_logits):
         )
         clf._policy = Policy(probit_error=None)  # the exact probit link
         clf.fit(X, y, sample_weight=w)
-        np.testing.assert_allclose(clf.delta_.numpy(), ref["delta"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            clf.delta_.cpu().numpy(), ref["delta"], rtol=1e-6, atol=1e-9
+        )
         assert_close("proba", clf.predict_proba(X_test), expected, 1e-6)
 
 
