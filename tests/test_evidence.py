@@ -354,3 +354,33 @@ def test_lanczos_evidence_is_evaluated_in_float64_on_the_cpu():
     assert all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors)
     exact = dense_lml(J @ J.T, r, 0.1, 2.0)
     assert evidence.log_marginal_likelihood(0.1, 2.0) == pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.parametrize("steps", [3, 8, 30])
+def test_gauss_and_radau_quadratures_bracket_the_evidence_terms(steps):
+    # On a positive semi-definite A with a wide spectrum: for f(λ) = s/(s·λ + σ²)
+    # Gauss from below and Gauss-Radau (a node at 0) from above, for
+    # f(λ) = log(s·λ + σ²) the other way round; equal once Lanczos reaches an
+    # invariant space (30 steps: the 30 distinct eigenvalues).
+    eigenvalues = torch.logspace(-3, 3, 30, dtype=torch.float64)
+    b = torch.linspace(0.5, 1.5, 30, dtype=torch.float64)
+    ((gauss, radau),) = quadrature(
+        lambda V: eigenvalues[:, None] * V, b[:, None], steps, radau=True
+    )
+    terms = [  # (f(λ; σ², s), +1 where Gauss is the lower bound)
+        (lambda x, noise, prior: prior / (prior * x + noise), 1),
+        (lambda x, noise, prior: (prior * x + noise).log(), -1),
+    ]
+    for noise, prior in [(1e-2, 1.0), (1e-4, 10.0)]:
+        for f, sign in terms:
+            exact = float((b**2 * f(eigenvalues, noise, prior)).sum())
+            low, high = (
+                float((b @ b) * (w * f(nodes, noise, prior)).sum())
+                for nodes, w in (gauss, radau)
+            )
+            low, high = (low, high) if sign > 0 else (high, low)
+            if steps < 30:
+                assert low < exact - 1e-6 * abs(exact) and high > exact + 1e-6 * abs(exact)
+            else:
+                assert low == pytest.approx(exact, rel=1e-10)
+                assert high == pytest.approx(exact, rel=1e-10)

@@ -12,6 +12,7 @@ import torch
 from reference import reference_jacobian, reference_posterior
 from scipy.optimize import minimize_scalar
 from scipy.special import gammaln
+from sklearn.exceptions import ConvergenceWarning
 from torch.func import functional_call, jacrev
 
 from sklearn_fntk import FiniteNTKRegressor
@@ -295,6 +296,29 @@ def test_large_fisher_is_factored_whatever_n(network_and_data):
     np.testing.assert_allclose(reg.predict(X[:20]), ref.mean[:, 0], rtol=1e-8)
     scale = np.sqrt(reg.predictive_dof_ / (reg.predictive_dof_ - 2))
     np.testing.assert_allclose(reg.predict_std(X[:20]), scale * ref.std[:, 0], rtol=1e-8)
+
+
+def test_unresolved_matrix_free_evidence_warns(network_and_data):
+    """The Lanczos evidence's data-fit term is bracketed by its Gauss and Gauss-Radau
+    quadratures: with 3 steps for p = 161 they differ at the optimum, and the fit
+    says so; with the default 200 (past p) the quadrature is exact, and it is
+    quiet."""
+    net, X, y = network_and_data
+    small = dict(dense_max_size=16, variance_factor_max_size=16, eigen_size=16)
+    reg = FiniteNTKRegressor(net, solver="cg", random_state=0)
+    reg._policy = Policy(evidence_quadratic_steps=3, **small)
+    with pytest.warns(
+        ConvergenceWarning, match="the matrix-free evidence has not"
+    ) as record:
+        reg.fit(X, y)
+    (message,) = [
+        str(w.message) for w in record if "matrix-free evidence" in str(w.message)
+    ]
+    assert float(message.split("within ")[1].split(" nats")[0]) > 1.0
+    reg._policy = Policy(**small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        reg.fit(X, y)
 
 
 @pytest.mark.parametrize(

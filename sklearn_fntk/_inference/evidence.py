@@ -120,6 +120,10 @@ class SpectralEvidence:
     size, n_null : int
         d, and d - m, the zero eigenvalues of G.
     space : str
+    radau : SpectralEvidence or None
+        For a Lanczos quadrature (:meth:`from_lanczos`), the same evidence with
+        Gauss-Radau rules in place of the Gauss rules: each pair brackets its term
+        (see :func:`quadrature`); :meth:`quadrature_gap`. None otherwise.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class SpectralEvidence:
         self.n_null = self.size - m
         self.space = space
         self.exact = log_det is None  # not a Lanczos quadrature
+        self.radau = None
         if log_det is None:
             log_det = (self.eigenvalues, torch.ones_like(self.eigenvalues), self.n_null)
         nodes, weights, n_null = log_det
@@ -269,12 +274,14 @@ class SpectralEvidence:
         order = start.numel()
         start_norm = float(torch.linalg.vector_norm(start))
         if start_norm == 0.0:  # r (or Jᵀr) is 0: the quadratic term needs no nodes
-            nodes, weights = start.new_zeros(1, dtype=torch.float64), start.new_zeros(1)
+            nodes = start.new_zeros(1, dtype=torch.float64)
+            gauss = radau = (nodes, start.new_zeros(1))
         else:
             steps = options["quadratic_steps"]
             with stages("evidence: Lanczos, quadratic term", total=steps) as stage:
-                (rule,) = quadrature(_stepping(matmat, stage), start[:, None], steps)
-            nodes, weights = rule
+                ((gauss, radau),) = quadrature(
+                    _stepping(matmat, stage), start[:, None], steps, radau=True
+                )
         n_probes = options["n_probes"]
         probes = rademacher(
             order, n_probes, dtype=start.dtype, device=start.device,
@@ -284,10 +291,34 @@ class SpectralEvidence:
         with stages(
             "evidence: Lanczos, log-determinant", total=steps, probes=n_probes
         ) as stage:
-            rules = quadrature(_stepping(matmat, stage), probes, steps)
-        log_det_nodes = torch.cat([rule_nodes for rule_nodes, _ in rules])
-        log_det_weights = torch.cat([w * order / n_probes for _, w in rules])
-        log_det = (log_det_nodes, log_det_weights, size - order)
+            pairs = quadrature(_stepping(matmat, stage), probes, steps, radau=True)
+        evidence, bound = (
+            cls._of_rule(
+                *rule,
+                start_norm,
+                residual_sq_norm,
+                size,
+                space,
+                log_det=(
+                    torch.cat([nodes for nodes, _ in rules]),
+                    torch.cat([w * order / n_probes for _, w in rules]),
+                    size - order,
+                ),
+            )
+            for rule, rules in (
+                (gauss, [g for g, _ in pairs]),
+                (radau, [r for _, r in pairs]),
+            )
+        )
+        evidence.radau = bound
+        return evidence
+
+    @classmethod
+    def _of_rule(
+        cls, nodes, weights, start_norm, residual_sq_norm, size, space, *, log_det
+    ):
+        """The evidence whose quadratic term is the quadrature (nodes, weights) of the
+        spectral measure of the start r (function space) or Jᵀr (parameter space)."""
         nodes = nodes.clamp_min(0.0)
         if space == "function":
             # rᵀ f(G) r ≈ ‖r‖² Σ_j τ_j² f(θ_j): z_j = ‖r‖ τ_j
@@ -321,6 +352,17 @@ class SpectralEvidence:
         if not (np.all(noise > 0) and np.all(prior > 0)):
             raise ValueError("noise and prior must be positive.")
         return noise.shape, torch.from_numpy(noise.ravel()), torch.from_numpy(prior.ravel())
+
+    def quadrature_gap(self, noise, prior):
+        """½·(|Δq| + |Δlog|K||), the differences of the Gauss quadratures of this
+        Lanczos evidence from their Gauss-Radau counterparts at one (noise, prior):
+        in nats, a bound of the quadrature error of the log evidence there (the
+        probes' sampling error aside)."""
+        _, noise, prior = self._pairs(noise, prior)
+        (q, log_det, *_), (q_radau, log_det_radau, *_) = (
+            evidence._terms(noise, prior) for evidence in (self, self.radau)
+        )
+        return 0.5 * float((q - q_radau).abs() + (log_det - log_det_radau).abs())
 
     def _terms(self, noise, prior):
         """q = rᵀK⁻¹r, log|K| and the gradient pieces h, Σσ²/D + (d - m), Σsλ/D of eq. (4).

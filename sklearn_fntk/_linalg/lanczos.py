@@ -56,7 +56,9 @@ def lanczos(matmat, Q, steps):
     alpha : torch.Tensor of shape (steps, b)
         Diagonals of the tridiagonal T of each column.
     beta : torch.Tensor of shape (steps, b)
-        Off-diagonals: beta[j] couples steps j and j + 1.
+        Off-diagonals: beta[j] couples steps j and j + 1; the last one a column ran,
+        beta[length - 1], is the norm of its final residual (0 after a breakdown),
+        which the Gauss-Radau rule needs.
     lengths : torch.Tensor of shape (b,)
         Steps each column ran: fewer than ``steps`` when its Krylov space became
         invariant (β = 0 up to rounding). A stopped column's vectors are 0 from then
@@ -80,8 +82,6 @@ def lanczos(matmat, Q, steps):
         previous = basis[:, : j + 1]
         for _ in range(2):
             w = w - (previous.transpose(1, 2) @ (previous @ w[..., None]))[..., 0]
-        if j + 1 == steps:
-            break
         norm = torch.linalg.vector_norm(w, dim=1)
         scale = torch.maximum(scale, alpha[j].abs() + norm)
         # β_j = ‖w‖; breakdown when it is at rounding level of ‖K‖
@@ -91,6 +91,8 @@ def lanczos(matmat, Q, steps):
         if not bool(running.any()):
             break
         beta[j] = torch.where(running, norm, 0.0)
+        if j + 1 == steps:
+            break
         divisor = torch.where(running, norm, 1.0)[:, None]
         basis[:, j + 1] = torch.where(running[:, None], w / divisor, 0.0)
     return alpha, beta, lengths
@@ -131,13 +133,19 @@ def largest_eigenvalue(matmat, size, *, dtype, device, steps=20, generator=None)
     return float(torch.linalg.eigvalsh(_tridiagonal(alpha, beta, lengths, 0)).max())
 
 
-def quadrature(matmat, Q, steps):
+def quadrature(matmat, Q, steps, radau=False):
     """Gauss quadrature nodes and weights of the spectral measure of each column of Q.
 
     Lanczos from q = Q[:, c]/‖Q[:, c]‖ gives T = S diag(θ) Sᵀ; then
     qᵀ f(A) q ≈ Σ_j τ_j² f(θ_j) with τ_j = S[0, j], exact for polynomials f of degree
     below 2·steps. The Krylov space, and so the nodes of A + μI, are those of A
     shifted by μ: one run serves every shift and scale.
+
+    For a positive semi-definite A and f with derivatives of alternating sign, such
+    as 1/(s·λ + σ²), the Gauss rule is a lower bound of qᵀ f(A) q and the
+    Gauss-Radau rule with a node fixed at 0 ≤ λ_min an upper bound (Golub & Meurant,
+    "Matrices, Moments and Quadrature with Applications", 2010, ch. 6): where the two
+    differ, the quadrature has not converged.
 
     Parameters
     ----------
@@ -147,12 +155,16 @@ def quadrature(matmat, Q, steps):
         Start vectors (any nonzero norm).
     steps : int
         Lanczos steps per column, at least 1.
+    radau : bool, default=False
+        Also return each column's Gauss-Radau rule with a node at 0 (A positive
+        semi-definite).
 
     Returns
     -------
     list of (nodes, weights)
         Per column, float64 tensors of shape (L,) (L ≤ steps): θ and τ², the weights
-        summing to 1.
+        summing to 1. With ``radau``, a list of ((nodes, weights), (radau nodes,
+        radau weights)), the Radau rule of L + 1 nodes.
     """
     if steps < 1:
         raise ValueError(f"lanczos_steps must be at least 1, got {steps}.")
@@ -160,10 +172,33 @@ def quadrature(matmat, Q, steps):
     alpha, beta, lengths = lanczos(matmat, Q / norms, steps)
     rules = []
     for i in range(Q.shape[1]):
-        T = _tridiagonal(alpha, beta, lengths, i)
-        theta, S = torch.linalg.eigh(T.to(torch.float64))
-        rules.append((theta, S[0] ** 2))
+        T = _tridiagonal(alpha, beta, lengths, i).to(torch.float64)
+        theta, S = torch.linalg.eigh(T)
+        gauss = (theta, S[0] ** 2)
+        rules.append(
+            (gauss, _radau_rule(T, theta, S, beta[int(lengths[i]) - 1, i]))
+            if radau
+            else gauss
+        )
     return rules
+
+
+def _radau_rule(T, theta, S, residual):
+    """The Gauss-Radau rule with a node at 0 from the Lanczos tridiagonal T = S diag(θ)
+    Sᵀ (L x L) and its final residual norm β_L: the eigenpairs of T extended by β_L
+    and α̃ = β_L² [T⁻¹]_LL, which puts an eigenvalue at 0 (Golub & Meurant, 2010)."""
+    L = T.shape[0]
+    residual = float(residual)
+    if residual == 0.0:  # an invariant Krylov space: the Gauss rule is exact
+        return theta, S[0] ** 2
+    tiny = torch.finfo(torch.float64).tiny
+    extended = T.new_zeros(L + 1, L + 1)
+    extended[:L, :L] = T
+    extended[L - 1, L] = extended[L, L - 1] = residual
+    # [T⁻¹]_LL = Σ_j S[L-1, j]² / θ_j; θ > 0 for a start in the range of A
+    extended[L, L] = residual**2 * float((S[L - 1] ** 2 / theta.clamp_min(tiny)).sum())
+    nodes, vectors = torch.linalg.eigh(extended)
+    return nodes.clamp_min(0.0), vectors[0] ** 2
 
 
 def stochastic_log_det(matmat, size, floor, *, dtype, device, n_probes, steps, generator):
