@@ -48,10 +48,11 @@ class _Float32Precision:
     def __enter__(self):
         with self._lock:
             if self._depth == 0:
+                switches = _switches()
                 self._saved = [
-                    (owner, name, getattr(owner, name)) for owner, name, _ in _switches()
+                    (owner, name, getattr(owner, name)) for owner, name, _ in switches
                 ]
-                for owner, name, value in _switches():
+                for owner, name, value in switches:
                     setattr(owner, name, value)
             self._depth += 1
 

@@ -22,11 +22,12 @@ def estimators_default_to_the_test_device():
     defaults = [
         cls.__init__.__kwdefaults__ for cls in (FiniteNTKRegressor, FiniteNTKClassifier)
     ]
+    saved = [kwdefaults["device"] for kwdefaults in defaults]
     for kwdefaults in defaults:
         kwdefaults["device"] = TEST_DEVICE
     yield
-    for kwdefaults in defaults:
-        kwdefaults["device"] = "cpu"
+    for kwdefaults, device in zip(defaults, saved, strict=True):
+        kwdefaults["device"] = device
 
 
 @pytest.fixture(autouse=True, scope="module")

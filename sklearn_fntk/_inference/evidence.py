@@ -291,7 +291,10 @@ class SpectralEvidence:
         with stages(
             "evidence: Lanczos, log-determinant", total=steps, probes=n_probes
         ) as stage:
-            pairs = quadrature(_stepping(matmat, stage), probes, steps, radau=True)
+            gauss_rules, radau_rules = zip(
+                *quadrature(_stepping(matmat, stage), probes, steps, radau=True),
+                strict=True,
+            )
         evidence, bound = (
             cls._of_rule(
                 *rule,
@@ -305,10 +308,7 @@ class SpectralEvidence:
                     size - order,
                 ),
             )
-            for rule, rules in (
-                (gauss, [g for g, _ in pairs]),
-                (radau, [r for _, r in pairs]),
-            )
+            for rule, rules in ((gauss, gauss_rules), (radau, radau_rules))
         )
         evidence.radau = bound
         return evidence
