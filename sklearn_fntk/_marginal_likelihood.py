@@ -22,12 +22,6 @@ from ._precision import full_float32_precision
 
 __all__ = ["MarginalLikelihoodMixin"]
 
-# The matrix-free evidence warns where its Gauss and Gauss-Radau quadratures differ
-# by more than this at the optimum (SpectralEvidence.quadrature_gap): at n = 20,000,
-# p = 4801 under the default steps the data-fit term alone differed by 175 nats, and
-# the fitted prior was 45 against the exact optimum's 212; at n = 3000, 0.
-QUADRATURE_GAP_NATS = 1.0
-
 
 class MarginalLikelihoodMixin:
     """``noise="auto"`` / ``prior="auto"`` and ``log_marginal_likelihood`` for
@@ -51,6 +45,22 @@ class MarginalLikelihoodMixin:
         lanczos = None
         if (not dense and not small_fisher) or (dense and large_fisher):
             lanczos = policy.lanczos_options(self._generator(jacobian.w.device))
+        r, reduction = residuals.reshape(-1), jacobian.reduction  # over the shards
+        mean_squared_residual = reduction.sum_float(r @ r) / reduction.sum_float(r.numel())
+
+        def search(evidence):
+            return fit_hyperparameters(
+                evidence,
+                noise=self.noise,
+                prior=self.prior,
+                mean_squared_residual=mean_squared_residual,
+                hyperprior="default",
+            )
+
+        def optimum(evidence):
+            best = search(evidence)
+            return best.noise, best.prior
+
         gram, evidence = spectral_evidence(
             jacobian,
             residuals,
@@ -59,17 +69,10 @@ class MarginalLikelihoodMixin:
             lanczos,
             stages,
             assemble=dense,
+            optimum=optimum,
         )
-        r, reduction = residuals.reshape(-1), jacobian.reduction  # over the shards
         with stages("evidence search") as stage:
-            best = fit_hyperparameters(
-                evidence,
-                noise=self.noise,
-                prior=self.prior,
-                mean_squared_residual=reduction.sum_float(r @ r)
-                / reduction.sum_float(r.numel()),
-                hyperprior="default",
-            )
+            best = search(evidence)
             stage.note(
                 noise=best.noise,
                 prior=best.prior,
@@ -95,18 +98,21 @@ class MarginalLikelihoodMixin:
         return gram, evidence, best
 
     def _warn_quadrature_gap(self, evidence, best):
-        """Warn where the Lanczos evidence is not resolved at the optimum: its Gauss
-        and Gauss-Radau quadratures, which bracket the exact terms, differ by more
-        than ``QUADRATURE_GAP_NATS``."""
+        """Warn where the Lanczos evidence is not resolved at the optimum even after
+        its runs grew (``LanczosSpectrum.converge``): its Gauss and Gauss-Radau
+        quadratures, which bracket the exact terms, differ by more than
+        ``Policy.evidence_gap_nats``."""
         gap = evidence.quadrature_gap(best.noise, best.prior)
-        if gap > QUADRATURE_GAP_NATS:
+        if gap > self._policy.evidence_gap_nats:
             warn(
                 f"{type(self).__name__}: the matrix-free evidence has not converged at "
                 f"the fitted noise={best.noise:.3g}, prior={best.prior:.3g}: its "
                 f"Lanczos quadratures are known only within {gap:.3g} nats (their "
-                "Gauss and Gauss-Radau bounds), so these variances may be far from "
-                "the evidence's maximum. Use solver='dense' where it fits in memory, "
-                "or set noise and prior to numbers (for example by GridSearchCV).",
+                "Gauss and Gauss-Radau bounds) after the most steps the fit allows "
+                "(Policy.evidence_max_growth, evidence_basis_bytes), so these "
+                "variances may be far from the evidence's maximum. Use "
+                "solver='dense' where it fits in memory, or set noise and prior to "
+                "numbers (for example by GridSearchCV).",
                 ConvergenceWarning,
             )
 

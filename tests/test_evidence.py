@@ -13,10 +13,10 @@ import torch
 from conftest import TEST_DEVICE
 from torch.func import functional_call, jacrev, vmap
 
-from sklearn_fntk._inference.evidence import SpectralEvidence
+from sklearn_fntk._inference.evidence import LanczosSpectrum, SpectralEvidence
 from sklearn_fntk._inference.hyperparameters import maximize_evidence
 from sklearn_fntk._inference.stochastic_evidence import stochastic_log_marginal_likelihood
-from sklearn_fntk._linalg.lanczos import lanczos, quadrature, rademacher
+from sklearn_fntk._linalg.lanczos import Lanczos, lanczos, quadrature, rademacher
 
 NOISES = np.array([1e-2, 1e-1, 1.0, 10.0])
 PRIORS = np.array([0.1, 1.0, 10.0])
@@ -384,3 +384,81 @@ def test_gauss_and_radau_quadratures_bracket_the_evidence_terms(steps):
             else:
                 assert low == pytest.approx(exact, rel=1e-10)
                 assert high == pytest.approx(exact, rel=1e-10)
+
+
+def test_lanczos_resumes_where_it_stopped():
+    # Extended in pieces, the run is the run of all the steps at once, bit for bit,
+    # also for a column whose Krylov space becomes invariant (5 eigenvectors) before
+    # the pieces end, and up to the order.
+    generator = torch.Generator().manual_seed(4)
+    d = 40
+    eigenvalues = torch.logspace(-3, 3, d, dtype=torch.float64)
+    Q = torch.randn(d, 2, generator=generator, dtype=torch.float64)
+    Q[5:, 1] = 0.0
+    Q = Q / torch.linalg.vector_norm(Q, dim=0)
+    product = lambda V: eigenvalues[:, None] * V  # noqa: E731
+    for pieces in ([3, 4, 30], [1, 2, 7, d + 3]):
+        whole = Lanczos(product, Q).extend(pieces[-1])
+        run = Lanczos(product, Q)
+        for steps in pieces:
+            run.extend(steps)
+        assert run.steps == whole.steps == min(pieces[-1], d)
+        assert run.lengths.tolist() == whole.lengths.tolist() == [run.steps, 5]
+        assert torch.equal(run.alpha, whole.alpha) and torch.equal(run.beta, whole.beta)
+    assert run.exhausted and not Lanczos(product, Q).extend(10).exhausted
+
+
+def spectrum_options(**changes):
+    options = dict(
+        quadratic_steps=2, log_det_steps=2, n_probes=4, gap_nats=1.0, max_growth=64,
+        basis_bytes=1 << 30, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    return {**options, **changes}
+
+
+def wide_spectrum_problem():
+    """F = JᵀJ diagonal over 6 decades (p = 60), and Jᵀr."""
+    p = 60
+    f = torch.logspace(-2, 4, p, dtype=torch.float64)
+    Jt_r = torch.linspace(0.5, 2.0, p, dtype=torch.float64) * f.sqrt()
+    return (lambda V: f[:, None] * V), Jt_r, dict(size=500, residual_sq_norm=900.0)
+
+
+def test_lanczos_spectrum_grows_until_resolved_at_the_optimum():
+    # From 2 steps, each term whose Gauss and Gauss-Radau rules differ by more than
+    # half a nat at the optimum doubles its steps; at the end the evidence there is
+    # within the gap of the same probes' exact quadrature (all p steps), and the
+    # gap bounds its error.
+    product, Jt_r, sizes = wide_spectrum_problem()
+    noise, prior = 0.3, 20.0
+    spectrum = LanczosSpectrum(
+        product, Jt_r, space="parameter", options=spectrum_options(), **sizes
+    )
+    first_gaps = spectrum.evidence().quadrature_gaps(noise, prior)
+    assert min(first_gaps) > 1.0
+    evidence = spectrum.converge(lambda e: (noise, prior), spectrum_options())
+    quadratic_steps, log_det_steps = spectrum.steps
+    assert {quadratic_steps, log_det_steps} <= {4, 8, 16, 32, 60}
+    assert max(evidence.quadrature_gaps(noise, prior)) <= 0.5
+    exact = LanczosSpectrum(
+        product, Jt_r, space="parameter", options=spectrum_options(
+            quadratic_steps=60, log_det_steps=60), **sizes
+    ).evidence()  # fmt: skip
+    error = abs(evidence.log_marginal_likelihood(noise, prior) -
+                exact.log_marginal_likelihood(noise, prior))  # fmt: skip
+    assert error <= evidence.quadrature_gap(noise, prior) + 1e-9
+
+
+@pytest.mark.parametrize(
+    "limit, steps",
+    [(dict(max_growth=4), (8, 8)), (dict(basis_bytes=4 * 60 * 8 * 6), (16, 6))],
+)
+def test_lanczos_spectrum_growth_stops_at_its_limits(limit, steps):
+    # max_growth times the first steps; bases of at most basis_bytes (6 steps of 4
+    # probes of order 60 in float64, 24 of the one quadratic column, capped at 16
+    # by max_growth's default here).
+    product, Jt_r, sizes = wide_spectrum_problem()
+    options = spectrum_options(**{"max_growth": 8, **limit})
+    spectrum = LanczosSpectrum(product, Jt_r, space="parameter", options=options, **sizes)
+    spectrum.converge(lambda e: (0.3, 20.0), options)
+    assert spectrum.steps == steps

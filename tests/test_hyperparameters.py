@@ -298,15 +298,47 @@ def test_large_fisher_is_factored_whatever_n(network_and_data):
     np.testing.assert_allclose(reg.predict_std(X[:20]), scale * ref.std[:, 0], rtol=1e-8)
 
 
-def test_unresolved_matrix_free_evidence_warns(network_and_data):
-    """The Lanczos evidence's data-fit term is bracketed by its Gauss and Gauss-Radau
-    quadratures: with 3 steps for p = 161 they differ at the optimum, and the fit
-    says so; with the default 200 (past p) the quadrature is exact, and it is
-    quiet."""
+@pytest.mark.parametrize(
+    "steps",
+    [
+        dict(evidence_quadratic_steps=3),
+        dict(evidence_quadratic_steps=3, evidence_log_det_steps=4),
+    ],
+)
+def test_unresolved_matrix_free_evidence_grows_to_its_optimum(network_and_data, steps):
+    """The Lanczos evidence's terms are bracketed by their Gauss and Gauss-Radau
+    quadratures: with 3 quadratic steps for p = 161 they differ by about 1700 nats
+    at the optimum. The runs double their steps until they agree within a nat there,
+    and the fit lands, without a warning, at the optimum of the same probes' exact
+    quadrature (past p = 161 steps)."""
+    net, X, y = network_and_data
+    small = dict(dense_max_size=16, variance_factor_max_size=16, eigen_size=16)
+    exact = FiniteNTKRegressor(net, solver="cg", random_state=0)
+    exact._policy = Policy(
+        evidence_quadratic_steps=161, evidence_log_det_steps=161, **small
+    )
+    exact.fit(X, y)
+    reg = FiniteNTKRegressor(net, solver="cg", random_state=0)
+    reg._policy = Policy(**steps, **small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        reg.fit(X, y)
+    assert 3 < reg._evidence.eigenvalues.numel() < 161  # the quadratic term's nodes
+    assert reg._evidence.quadrature_gap(reg.noise_, reg.prior_) <= 1.0
+    assert reg.noise_ == pytest.approx(exact.noise_, rel=0.01)
+    assert reg.prior_ == pytest.approx(exact.prior_, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "limit", [dict(evidence_max_growth=1), dict(evidence_basis_bytes=161 * 8 * 3)]
+)
+def test_matrix_free_evidence_that_cannot_grow_warns(network_and_data, limit):
+    """Where the runs may not grow (by ``evidence_max_growth``, or bases limited
+    to the first 3 steps' bytes) the unresolved evidence warns, with its gap."""
     net, X, y = network_and_data
     small = dict(dense_max_size=16, variance_factor_max_size=16, eigen_size=16)
     reg = FiniteNTKRegressor(net, solver="cg", random_state=0)
-    reg._policy = Policy(evidence_quadratic_steps=3, **small)
+    reg._policy = Policy(evidence_quadratic_steps=3, **limit, **small)
     with pytest.warns(
         ConvergenceWarning, match="the matrix-free evidence has not"
     ) as record:
@@ -315,10 +347,6 @@ def test_unresolved_matrix_free_evidence_warns(network_and_data):
         str(w.message) for w in record if "matrix-free evidence" in str(w.message)
     ]
     assert float(message.split("within ")[1].split(" nats")[0]) > 1.0
-    reg._policy = Policy(**small)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ConvergenceWarning)
-        reg.fit(X, y)
 
 
 @pytest.mark.parametrize(

@@ -43,13 +43,14 @@ import math
 import numpy as np
 import torch
 
-from .._linalg.lanczos import quadrature, rademacher
+from .._linalg.lanczos import Lanczos, rademacher
 from .._linalg.memory import check_fits, largest
 from .._stages import NO_STAGES
 from .operators import FunctionOperator, ParameterOperator
 from .system import eigen_parts
 
 __all__ = [
+    "LanczosSpectrum",
     "SpectralEvidence",
     "spectral_evidence",
 ]
@@ -57,16 +58,6 @@ __all__ = [
 # Pairs of (noise, prior) evaluated at once are blocked to about this many entries
 # of the (pairs x eigenvalues) array D.
 _BLOCK_ENTRIES = 1 << 22
-
-
-def _stepping(matmat, stage):
-    """``matmat`` reporting a step of ``stage`` per product."""
-
-    def stepping(V):
-        stage.step()
-        return matmat(V)
-
-    return stepping
 
 
 def _float64(array):
@@ -240,78 +231,19 @@ class SpectralEvidence:
         cls, matmat, start, *, space, size, residual_sq_norm, options, stages=NO_STAGES
     ):
         """Lanczos quadrature of the spectrum of G = J Jᵀ (function space) or
-        F = JᵀJ (parameter space), matrix-free, for every (σ², s) at once.
-
-        The Krylov spaces of G (or F) are those of s·G + σ² I for every s and σ²:
-        one Lanczos run from r (function space; from Jᵀr in parameter space) gives
-        the Gauss quadrature of rᵀ(sG + σ²I)⁻¹r, eq. (1) (or of eq. (2)), and runs
-        from Rademacher probes the stochastic Lanczos quadrature of
-        log|K| = tr log(sG + σ²I) (in parameter space, eq. (3) with the d - p null
-        directions counted exactly). The quadratic term is exact once the steps
-        reach the number of distinct eigenvalues; the log-determinant has the
-        probes' sampling error.
-
-        Parameters
-        ----------
-        matmat : callable
-            ``matmat(V) -> G V`` (or F V) for V of shape (d, m) (or (p, m)).
-        start : torch.Tensor of shape (d,) or (p,)
-            r, or Jᵀ r.
-        space : {"function", "parameter"}
-        size : int
-            d = n·k.
-        residual_sq_norm : float
-            ‖r‖².
-        options : dict
-            ``quadratic_steps``, ``log_det_steps``, ``n_probes``, ``generator``.
-        stages : Stages
-            Where the two Lanczos runs are reported, a step per product.
+        F = JᵀJ (parameter space), matrix-free, for every (σ², s) at once: the
+        evidence of a :class:`LanczosSpectrum` (same parameters) run for the
+        ``options``' steps.
 
         Returns
         -------
         SpectralEvidence
         """
-        order = start.numel()
-        start_norm = float(torch.linalg.vector_norm(start))
-        if start_norm == 0.0:  # r (or Jᵀr) is 0: the quadratic term needs no nodes
-            nodes = start.new_zeros(1, dtype=torch.float64)
-            gauss = radau = (nodes, start.new_zeros(1))
-        else:
-            steps = options["quadratic_steps"]
-            with stages("evidence: Lanczos, quadratic term", total=steps) as stage:
-                ((gauss, radau),) = quadrature(
-                    _stepping(matmat, stage), start[:, None], steps, radau=True
-                )
-        n_probes = options["n_probes"]
-        probes = rademacher(
-            order, n_probes, dtype=start.dtype, device=start.device,
-            generator=options["generator"],
+        spectrum = LanczosSpectrum(
+            matmat, start, space=space, size=size, residual_sq_norm=residual_sq_norm,
+            options=options, stages=stages,
         )  # fmt: skip
-        steps = options["log_det_steps"]
-        with stages(
-            "evidence: Lanczos, log-determinant", total=steps, probes=n_probes
-        ) as stage:
-            gauss_rules, radau_rules = zip(
-                *quadrature(_stepping(matmat, stage), probes, steps, radau=True),
-                strict=True,
-            )
-        evidence, bound = (
-            cls._of_rule(
-                *rule,
-                start_norm,
-                residual_sq_norm,
-                size,
-                space,
-                log_det=(
-                    torch.cat([nodes for nodes, _ in rules]),
-                    torch.cat([w * order / n_probes for _, w in rules]),
-                    size - order,
-                ),
-            )
-            for rule, rules in ((gauss, gauss_rules), (radau, radau_rules))
-        )
-        evidence.radau = bound
-        return evidence
+        return spectrum.evidence()
 
     @classmethod
     def _of_rule(
@@ -357,12 +289,18 @@ class SpectralEvidence:
         """½·(|Δq| + |Δlog|K||), the differences of the Gauss quadratures of this
         Lanczos evidence from their Gauss-Radau counterparts at one (noise, prior):
         in nats, a bound of the quadrature error of the log evidence there (the
-        probes' sampling error aside)."""
+        probes' sampling error aside). The sum of :meth:`quadrature_gaps`."""
+        return sum(self.quadrature_gaps(noise, prior))
+
+    def quadrature_gaps(self, noise, prior):
+        """(½|Δq|, ½|Δlog|K||): :meth:`quadrature_gap`'s two terms, the data fit's
+        and the log-determinant's."""
         _, noise, prior = self._pairs(noise, prior)
         (q, log_det, *_), (q_radau, log_det_radau, *_) = (
             evidence._terms(noise, prior) for evidence in (self, self.radau)
         )
-        return 0.5 * float((q - q_radau).abs() + (log_det - log_det_radau).abs())
+        quadratic_gap, log_det_gap = (q - q_radau).abs(), (log_det - log_det_radau).abs()
+        return 0.5 * float(quadratic_gap), 0.5 * float(log_det_gap)
 
     def _terms(self, noise, prior):
         """q = rᵀK⁻¹r, log|K| and the gradient pieces h, Σσ²/D + (d - m), Σsλ/D of eq. (4).
@@ -448,6 +386,163 @@ class SpectralEvidence:
         return coefficients.reshape(-1, *shape).numpy()
 
 
+class LanczosSpectrum:
+    """The two Lanczos quadratures of a matrix-free :class:`SpectralEvidence`, kept so
+    that they can grow where they have not converged.
+
+    The Krylov spaces of G (or F) are those of s·G + σ² I for every s and σ²: one
+    Lanczos run from r (function space; from Jᵀr in parameter space) gives the Gauss
+    quadrature of rᵀ(sG + σ²I)⁻¹r, eq. (1) (or of eq. (2)), and runs from Rademacher
+    probes the stochastic Lanczos quadrature of log|K| = tr log(sG + σ²I) (in
+    parameter space, eq. (3) with the d - p null directions counted exactly). The
+    quadratic term is exact once the steps reach the number of distinct eigenvalues;
+    the log-determinant has the probes' sampling error besides. Each run's Gauss
+    rule and its Gauss-Radau rule bracket its term (:func:`quadrature`); where they
+    differ at the evidence's optimum, :meth:`converge` runs more steps from where the
+    runs stopped (:class:`Lanczos` keeps their bases), so no product is repeated.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``matmat(V) -> G V`` (or F V) for V of shape (d, m) (or (p, m)).
+    start : torch.Tensor of shape (d,) or (p,)
+        r, or Jᵀ r.
+    space : {"function", "parameter"}
+    size : int
+        d = n·k.
+    residual_sq_norm : float
+        ‖r‖².
+    options : dict
+        ``quadratic_steps``, ``log_det_steps``, ``n_probes``, ``generator``: the runs'
+        first steps, and the probes; for :meth:`converge` also ``gap_nats``,
+        ``max_growth`` and ``basis_bytes`` (``Policy.lanczos_options``).
+    stages : Stages
+        Where the Lanczos runs are reported, a step per product.
+    """
+
+    def __init__(
+        self, matmat, start, *, space, size, residual_sq_norm, options, stages=NO_STAGES
+    ):
+        self._matmat, self._stages, self._stage = matmat, stages, None
+        self._space, self._size = space, size
+        self._residual_sq_norm = residual_sq_norm
+        self._order = start.numel()
+        self._start_norm = float(torch.linalg.vector_norm(start))
+        # r (or Jᵀr) = 0: the quadratic term needs no nodes
+        self._quadratic = None
+        if self._start_norm > 0.0:
+            self._quadratic = Lanczos(self._product, start[:, None] / self._start_norm)
+        self._n_probes = options["n_probes"]
+        probes = rademacher(
+            self._order, self._n_probes, dtype=start.dtype, device=start.device,
+            generator=options["generator"],
+        )  # fmt: skip
+        self._log_det = Lanczos(self._product, probes / math.sqrt(self._order))
+        self._itemsize = start.element_size()
+        self.extend(options["quadratic_steps"], options["log_det_steps"])
+
+    def _product(self, V):
+        """``matmat``, reporting a step of the current stage."""
+        self._stage.step()
+        return self._matmat(V)
+
+    def extend(self, quadratic_steps, log_det_steps):
+        """Run the quadratic term's Lanczos to ``quadratic_steps`` steps in all and
+        the log-determinant's to ``log_det_steps`` (each at most the operator's
+        order); return self."""
+        runs = [
+            (self._quadratic, quadratic_steps, "evidence: Lanczos, quadratic term", {}),
+            (self._log_det, log_det_steps, "evidence: Lanczos, log-determinant",
+             {"probes": self._n_probes}),
+        ]  # fmt: skip
+        for run, steps, name, details in runs:
+            if run is None or run.exhausted or steps <= run.steps:
+                continue
+            total = min(steps, self._order) - run.steps
+            with self._stages(name, total=total, steps=steps, **details) as stage:
+                self._stage = stage
+                run.extend(steps)
+        self._stage = None
+        return self
+
+    @property
+    def steps(self):
+        """(quadratic term's, log-determinant's) steps run so far."""
+        quadratic = 0 if self._quadratic is None else self._quadratic.steps
+        return quadratic, self._log_det.steps
+
+    def evidence(self):
+        """The :class:`SpectralEvidence` of the runs so far: their Gauss rules, with
+        their Gauss-Radau rules as its ``radau``."""
+        if self._quadratic is None:
+            nodes = torch.zeros(1, dtype=torch.float64)
+            gauss = radau = (nodes, torch.zeros(1, dtype=torch.float64))
+        else:
+            ((gauss, radau),) = self._quadratic.rules(radau=True)
+        gauss_rules, radau_rules = zip(*self._log_det.rules(radau=True), strict=True)
+        evidence, bound = (
+            SpectralEvidence._of_rule(
+                *rule,
+                self._start_norm,
+                self._residual_sq_norm,
+                self._size,
+                self._space,
+                log_det=(
+                    torch.cat([nodes for nodes, _ in rules]),
+                    torch.cat([w * self._order / self._n_probes for _, w in rules]),
+                    self._size - self._order,
+                ),
+            )
+            for rule, rules in ((gauss, gauss_rules), (radau, radau_rules))
+        )
+        evidence.radau = bound
+        return evidence
+
+    def converge(self, optimum, options):
+        """Grow the runs until the evidence is resolved at its optimum; return the
+        evidence.
+
+        At the optimum (σ², s) = ``optimum(evidence)`` each term whose Gauss and
+        Gauss-Radau rules differ by more than ``gap_nats``/2 nats
+        (:meth:`SpectralEvidence.quadrature_gaps`) gets twice its steps, and the
+        optimum is found again, until both are within it (the log evidence there is
+        then known within ``gap_nats``) or a run can grow no further: at most
+        ``max_growth`` times its first steps, its bases within ``basis_bytes``
+        (b·L·order entries for b columns after L steps), and the operator's order.
+        The caller checks the final gap.
+
+        Parameters
+        ----------
+        optimum : callable
+            ``optimum(evidence) -> (noise, prior)``.
+        options : dict
+            As for the constructor.
+
+        Returns
+        -------
+        SpectralEvidence
+        """
+        half = 0.5 * options["gap_nats"]
+        limits = (
+            options["max_growth"] * options["quadratic_steps"],
+            options["max_growth"] * options["log_det_steps"],
+        )
+        columns = (1, self._n_probes)
+        evidence = self.evidence()
+        while True:
+            gaps = evidence.quadrature_gaps(*optimum(evidence))
+            runs = (self._quadratic, self._log_det)
+            steps = []
+            for run, gap, limit, b in zip(runs, gaps, limits, columns, strict=True):
+                held = options["basis_bytes"] // (b * self._order * self._itemsize)
+                cap = max(min(limit, held), run.steps if run is not None else 0)
+                grows = run is not None and gap > half and not run.exhausted
+                steps.append(min(2 * run.steps, cap) if grows else 0)
+            if all(new <= old for new, old in zip(steps, self.steps, strict=True)):
+                return evidence
+            evidence = self.extend(*steps).evidence()
+
+
 def spectral_evidence(
     jacobian,
     residuals,
@@ -456,6 +551,7 @@ def spectral_evidence(
     lanczos=None,
     stages=NO_STAGES,
     assemble=False,
+    optimum=None,
 ):
     """The :class:`SpectralEvidence` of the training data, and the Gram matrix if
     it was assembled.
@@ -477,6 +573,10 @@ def spectral_evidence(
         With ``lanczos``: assemble the Gram matrix (for a caller that factors it
         next) and run the quadrature over it, a dense product per step instead of
         a pass over the data.
+    optimum : callable or None, default=None
+        With ``lanczos``: ``optimum(evidence) -> (noise, prior)``, the pair the
+        caller will pick; the quadrature then grows until it is resolved there
+        (:meth:`LanczosSpectrum.converge`).
 
     Returns
     -------
@@ -505,7 +605,7 @@ def spectral_evidence(
         with stages("Gram matrix", size=operator.size):
             gram = operator.gram_dense()
     if lanczos is not None:  # over the assembled Gram matrix, or matrix-free
-        evidence = SpectralEvidence.from_lanczos(
+        spectrum = LanczosSpectrum(
             operator.psd_matmat if gram is None else gram.__matmul__,
             start,
             space=space,
@@ -514,7 +614,9 @@ def spectral_evidence(
             options=lanczos,
             stages=stages,
         )
-        return gram, evidence
+        if optimum is None:
+            return gram, spectrum.evidence()
+        return gram, spectrum.converge(optimum, lanczos)
     with stages("evidence: eigendecomposition", size=operator.size):
         if space == "function":
             return gram, SpectralEvidence.from_kernel(gram, r)

@@ -62,6 +62,20 @@ class Policy:
     evidence_quadratic_steps : int, default=200
         Lanczos steps of its quadratic term rᵀK⁻¹r (exact once they reach the
         number of distinct eigenvalues).
+    evidence_gap_nats : float, default=1.0
+        Those steps are where the two runs start. Where a term's Gauss and
+        Gauss-Radau quadratures (which bracket it) differ by more than half this
+        at the fitted (noise, prior), its run doubles its steps, and the fit
+        searches again; a fit still short of it warns. The default steps are
+        far short on large data: at n = 20,000, p = 4801 the gap was 264 nats and
+        the fitted prior 45 against the exact optimum's 212; doubling twice, to
+        600 / 800 steps, reached it (benchmarks/evidence_steps.py).
+    evidence_max_growth : int, default=8
+        The runs grow to at most this many times their first steps ...
+    evidence_basis_bytes : int, default=2**30
+        ... and while each run's Lanczos bases (columns x steps x order entries,
+        kept for the full reorthogonalisation) take at most this many bytes: with
+        16 probes at p = 21,825 in float32, 768 log-determinant steps.
     laplace_evidence_probes : int, default=32
         Rademacher probes of the classifier's stochastic log-determinant (CG solver).
     laplace_evidence_steps : int, default=50
@@ -93,6 +107,9 @@ class Policy:
     evidence_probes: int = 16
     evidence_log_det_steps: int = 150
     evidence_quadratic_steps: int = 200
+    evidence_gap_nats: float = 1.0
+    evidence_max_growth: int = 8
+    evidence_basis_bytes: int = 1 << 30
     laplace_evidence_probes: int = 32
     laplace_evidence_steps: int = 50
     probit_error: float | None = 1e-3
@@ -105,6 +122,9 @@ class Policy:
             "log_det_steps": self.evidence_log_det_steps,
             "quadratic_steps": self.evidence_quadratic_steps,
             "generator": generator,
+            "gap_nats": self.evidence_gap_nats,
+            "max_growth": self.evidence_max_growth,
+            "basis_bytes": self.evidence_basis_bytes,
         }
 
     def factors(self, space, size, n_rows, itemsize, available=None):

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "Lanczos",
     "LogDetEstimate",
     "lanczos",
     "largest_eigenvalue",
@@ -36,11 +37,14 @@ class LogDetEstimate(NamedTuple):
     std_error: float
 
 
-def lanczos(matmat, Q, steps):
-    """Lanczos tridiagonalisation of K from each column of Q, all columns at once.
+class Lanczos:
+    """Lanczos tridiagonalisation of K from each column of Q, all columns at once,
+    resumable: :meth:`extend` runs more steps from where the last call stopped, so
+    a quadrature that has not converged grows without repeating a product.
 
     Full reorthogonalisation (classical Gram-Schmidt, twice) keeps every column's basis
     orthonormal, so T's eigenpairs are reliable Gauss quadrature nodes and weights.
+    The bases are kept between calls: b·L·d entries after L steps.
 
     Parameters
     ----------
@@ -48,54 +52,105 @@ def lanczos(matmat, Q, steps):
         ``matmat(V) -> K V`` for V of shape (d, j).
     Q : torch.Tensor of shape (d, b)
         Unit start vectors.
-    steps : int
-        Maximum Lanczos steps (at most d).
 
-    Returns
-    -------
-    alpha : torch.Tensor of shape (steps, b)
-        Diagonals of the tridiagonal T of each column.
-    beta : torch.Tensor of shape (steps, b)
+    Attributes
+    ----------
+    alpha : torch.Tensor of shape (L, b)
+        Diagonals of the tridiagonal T of each column, after L steps.
+    beta : torch.Tensor of shape (L, b)
         Off-diagonals: beta[j] couples steps j and j + 1; the last one a column ran,
         beta[length - 1], is the norm of its final residual (0 after a breakdown),
         which the Gauss-Radau rule needs.
     lengths : torch.Tensor of shape (b,)
-        Steps each column ran: fewer than ``steps`` when its Krylov space became
-        invariant (β = 0 up to rounding). A stopped column's vectors are 0 from then
-        on, and stay 0 under K.
+        Steps each column ran: fewer than L when its Krylov space became invariant
+        (β = 0 up to rounding). A stopped column's vectors are 0 from then on, and
+        stay 0 under K.
     """
-    d, b = Q.shape
-    steps = min(steps, d)
-    basis = Q.new_zeros(b, steps, d)  # basis[c, j] is q_j of column c
-    basis[:, 0] = Q.T
-    alpha, beta = Q.new_zeros(steps, b), Q.new_zeros(steps, b)
-    lengths = torch.full((b,), steps, dtype=torch.long, device=Q.device)
-    running = torch.ones(b, dtype=torch.bool, device=Q.device)
-    scale = Q.new_zeros(b)
-    eps = torch.finfo(Q.dtype).eps
-    for j in range(steps):
-        q = basis[:, j]
-        w = matmat(q.T).T
-        # α_j = q_jᵀ K q_j
-        alpha[j] = (q * w).sum(1)
-        # w ← K q_j - Σ_{i<=j} q_i (q_iᵀ w): the three-term recurrence, made exact
-        previous = basis[:, : j + 1]
-        for _ in range(2):
-            w = w - (previous.transpose(1, 2) @ (previous @ w[..., None]))[..., 0]
-        norm = torch.linalg.vector_norm(w, dim=1)
-        scale = torch.maximum(scale, alpha[j].abs() + norm)
-        # β_j = ‖w‖; breakdown when it is at rounding level of ‖K‖
-        stopped = running & (norm <= eps * scale)
-        lengths[stopped] = j + 1
-        running &= ~stopped
-        if not bool(running.any()):
-            break
-        beta[j] = torch.where(running, norm, 0.0)
-        if j + 1 == steps:
-            break
-        divisor = torch.where(running, norm, 1.0)[:, None]
-        basis[:, j + 1] = torch.where(running[:, None], w / divisor, 0.0)
-    return alpha, beta, lengths
+
+    def __init__(self, matmat, Q):
+        d, b = Q.shape
+        self._matmat = matmat
+        self._basis = Q.T[:, None].clone()  # basis[c, j] is q_j of column c
+        self.alpha, self.beta = Q.new_zeros(0, b), Q.new_zeros(0, b)
+        self.lengths = torch.zeros(b, dtype=torch.long, device=Q.device)
+        self._running = torch.ones(b, dtype=torch.bool, device=Q.device)
+        self._scale = Q.new_zeros(b)
+
+    @property
+    def steps(self):
+        """L, the steps run so far."""
+        return self.alpha.shape[0]
+
+    @property
+    def exhausted(self):
+        """Whether no column can take another step (each became invariant, or L = d)."""
+        return not bool(self._running.any()) or self.steps >= self._basis.shape[2]
+
+    def extend(self, steps):
+        """Run until ``steps`` steps in all (at most d); return self."""
+        b, _, d = self._basis.shape
+        steps = min(steps, d)
+        first = self.steps
+        if steps <= first or not bool(self._running.any()):
+            return self
+        # room for the new steps' vectors and the next start, q_steps (q_first, the
+        # last call's next start, is already there)
+        basis = self._basis.new_zeros(b, min(steps + 1, d), d)
+        basis[:, : first + 1] = self._basis[:, : first + 1]
+        self._basis = basis
+        self.alpha = torch.cat([self.alpha, basis.new_zeros(steps - first, b)])
+        self.beta = torch.cat([self.beta, basis.new_zeros(steps - first, b)])
+        running, eps = self._running, torch.finfo(basis.dtype).eps
+        self.lengths[running] = steps
+        for j in range(first, steps):
+            q = basis[:, j]
+            w = self._matmat(q.T).T
+            # α_j = q_jᵀ K q_j
+            self.alpha[j] = (q * w).sum(1)
+            # w ← K q_j - Σ_{i<=j} q_i (q_iᵀ w): the three-term recurrence, made exact
+            previous = basis[:, : j + 1]
+            for _ in range(2):
+                w = w - (previous.transpose(1, 2) @ (previous @ w[..., None]))[..., 0]
+            norm = torch.linalg.vector_norm(w, dim=1)
+            self._scale = torch.maximum(self._scale, self.alpha[j].abs() + norm)
+            # β_j = ‖w‖; breakdown when it is at rounding level of ‖K‖
+            stopped = running & (norm <= eps * self._scale)
+            self.lengths[stopped] = j + 1
+            running &= ~stopped
+            if not bool(running.any()):
+                break
+            self.beta[j] = torch.where(running, norm, 0.0)
+            if j + 1 == d:
+                break
+            divisor = torch.where(running, norm, 1.0)[:, None]
+            basis[:, j + 1] = torch.where(running[:, None], w / divisor, 0.0)
+        return self
+
+    def rules(self, radau=False):
+        """Each column's Gauss quadrature (and with ``radau`` its Gauss-Radau rule):
+        see :func:`quadrature`."""
+        rules = []
+        for i in range(self.lengths.numel()):
+            T = _tridiagonal(self.alpha, self.beta, self.lengths, i).to(torch.float64)
+            theta, S = torch.linalg.eigh(T)
+            gauss = (theta, S[0] ** 2)
+            residual = self.beta[int(self.lengths[i]) - 1, i]
+            rules.append((gauss, _radau_rule(T, theta, S, residual)) if radau else gauss)
+        return rules
+
+
+def lanczos(matmat, Q, steps):
+    """Lanczos tridiagonalisation of K from each column of Q, all columns at once:
+    ``steps`` steps (at most d) of :class:`Lanczos` (``matmat``, ``Q``).
+
+    Returns
+    -------
+    alpha, beta : torch.Tensor of shape (steps, b)
+    lengths : torch.Tensor of shape (b,)
+        As the attributes of :class:`Lanczos`.
+    """
+    run = Lanczos(matmat, Q).extend(steps)
+    return run.alpha, run.beta, run.lengths
 
 
 def _tridiagonal(alpha, beta, lengths, column):
@@ -169,18 +224,7 @@ def quadrature(matmat, Q, steps, radau=False):
     if steps < 1:
         raise ValueError(f"lanczos_steps must be at least 1, got {steps}.")
     norms = torch.linalg.vector_norm(Q, dim=0)
-    alpha, beta, lengths = lanczos(matmat, Q / norms, steps)
-    rules = []
-    for i in range(Q.shape[1]):
-        T = _tridiagonal(alpha, beta, lengths, i).to(torch.float64)
-        theta, S = torch.linalg.eigh(T)
-        gauss = (theta, S[0] ** 2)
-        rules.append(
-            (gauss, _radau_rule(T, theta, S, beta[int(lengths[i]) - 1, i]))
-            if radau
-            else gauss
-        )
-    return rules
+    return Lanczos(matmat, Q / norms).extend(steps).rules(radau)
 
 
 def _radau_rule(T, theta, S, residual):
