@@ -68,7 +68,9 @@ class FiniteNTKRegressor(
         parameters, ``Policy.variance_factor_max_size``) and with CG in parameter
         space up to 4096 (``Policy.eigen_size``); otherwise a Lanczos
         quadrature of the same spectrum, over the assembled JᵀJ where the dense
-        solver assembles it anyway, else matrix-free.
+        solver assembles it anyway, else matrix-free, whose steps grow until its
+        Gauss and Gauss-Radau bounds agree within a nat at the fitted pair (a
+        ``ConvergenceWarning`` where they cannot, with the gap).
     prior_mean : {"network", "zero"}, default="network"
         GP prior mean: the trained network's output f_θ(x), or zero.
     parameters : list of str or None, default=None
