@@ -87,7 +87,7 @@ class MarginalLikelihoodMixin:
                 "these poorly. Set noise or prior to a number from prior knowledge."
             )
         if evidence.radau is not None:
-            self._warn_quadrature_gap(evidence, best)
+            self._warn_quadrature_gap(evidence, best.noise, best.prior, "at the fitted")
         if not best.converged:
             warn(
                 "Maximising the log marginal likelihood over noise and prior did not "
@@ -97,24 +97,35 @@ class MarginalLikelihoodMixin:
             )
         return gram, evidence, best
 
-    def _warn_quadrature_gap(self, evidence, best):
-        """Warn where the Lanczos evidence is not resolved at the optimum even after
-        its runs grew (``LanczosSpectrum.converge``): its Gauss and Gauss-Radau
-        quadratures, which bracket the exact terms, differ by more than
-        ``Policy.evidence_gap_nats``."""
-        gap = evidence.quadrature_gap(best.noise, best.prior)
-        if gap > self._policy.evidence_gap_nats:
-            warn(
-                f"{type(self).__name__}: the matrix-free evidence has not converged at "
-                f"the fitted noise={best.noise:.3g}, prior={best.prior:.3g}: its "
-                f"Lanczos quadratures are known only within {gap:.3g} nats (their "
-                "Gauss and Gauss-Radau bounds) after the most steps the fit allows "
-                "(Policy.evidence_max_growth, evidence_basis_bytes), so these "
-                "variances may be far from the evidence's maximum. Use "
-                "solver='dense' where it fits in memory, or set noise and prior to "
-                "numbers (for example by GridSearchCV).",
-                ConvergenceWarning,
+    def _warn_quadrature_gap(self, evidence, noise, prior, where):
+        """Warn where the Lanczos evidence is not resolved at (noise, prior): its
+        Gauss and Gauss-Radau quadratures, which bracket the exact terms, differ by
+        more than ``Policy.evidence_gap_nats``. A fit's runs have grown as far as
+        they may (``LanczosSpectrum.converge``) to resolve the fitted pair; other
+        pairs they may not resolve."""
+        gap = evidence.quadrature_gap(noise, prior)
+        if gap <= self._policy.evidence_gap_nats:
+            return
+        if where == "at the fitted":
+            consequence = (
+                "after the most steps the fit allows (Policy.evidence_max_growth, "
+                "evidence_basis_bytes), so these variances may be far from the "
+                "evidence's maximum"
             )
+        else:
+            consequence = (
+                "the value may be off by that much (the fit resolved its Lanczos "
+                "runs at the fitted pair only)"
+            )
+        warn(
+            f"{type(self).__name__}: the matrix-free evidence has not converged "
+            f"{where} noise={noise:.3g}, prior={prior:.3g}: its Lanczos quadratures "
+            f"are known only within {gap:.3g} nats there (their Gauss and "
+            f"Gauss-Radau bounds); {consequence}. Use solver='dense' where it fits "
+            "in memory, or set noise and prior to numbers (for example by "
+            "GridSearchCV).",
+            ConvergenceWarning,
+        )
 
     @full_float32_precision
     def log_marginal_likelihood(
@@ -148,7 +159,8 @@ class MarginalLikelihoodMixin:
             that: at the fitted variances log|K| by stochastic Lanczos quadrature
             over Rademacher probes and rᵀK⁻¹r by CG; elsewhere, or with
             ``eval_gradient``, the Lanczos quadrature of the spectrum that an "auto"
-            fit with CG used (or a new one).
+            fit with CG used (or a new one), with a ``ConvergenceWarning`` where its
+            Gauss and Gauss-Radau bounds there differ by more than a nat.
         n_probes, lanczos_steps : int, default=32, 150
             Probes and Lanczos steps of the stochastic estimate at the fitted
             variances. Small noise needs more steps (see the user guide).
@@ -186,6 +198,8 @@ class MarginalLikelihoodMixin:
             noise = self.noise_ if noise is None else noise
             prior = self.prior_ if prior is None else prior
             evidence = self._spectral_evidence(method)
+            if evidence.radau is not None:
+                self._warn_quadrature_gap(evidence, noise, prior, "at")
             result = evidence.log_marginal_likelihood(noise, prior, eval_gradient)
             value = (result[0] if eval_gradient else result) + self._log_weight
             self._check_evidence(value, method)

@@ -329,6 +329,25 @@ def test_unresolved_matrix_free_evidence_grows_to_its_optimum(network_and_data, 
     assert reg.prior_ == pytest.approx(exact.prior_, rel=0.01)
 
 
+def test_matrix_free_evidence_warns_where_asked_beyond_what_it_resolved(
+    network_and_data,
+):
+    """The fit grows its runs to resolve the fitted pair (24 quadratic steps from
+    3, 16 log-determinant steps from 4): log_marginal_likelihood there is quiet;
+    at noise 1e-4, prior 10 the same quadrature is known only within about 1.8e6
+    nats, and it says so."""
+    net, X, y = network_and_data
+    small = dict(dense_max_size=16, variance_factor_max_size=16, eigen_size=16)
+    reg = FiniteNTKRegressor(net, solver="cg", random_state=0)
+    reg._policy = Policy(evidence_quadratic_steps=3, evidence_log_det_steps=4, **small)
+    reg.fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        reg.log_marginal_likelihood(reg.noise_, reg.prior_, method="stochastic")
+    with pytest.warns(ConvergenceWarning, match="noise=0.0001, prior=10: its Lanczos"):
+        reg.log_marginal_likelihood(1e-4, 10.0, method="stochastic")
+
+
 @pytest.mark.parametrize(
     "limit", [dict(evidence_max_growth=1), dict(evidence_basis_bytes=161 * 8 * 3)]
 )
