@@ -59,7 +59,8 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         evidence) over s, refitting the MAP at each candidate: with the dense solver
         by the root of its exact derivative in log s, with CG by its values, the
         log-determinant estimated by stochastic Lanczos quadrature with the same
-        probes at every s (see the user guide). "loo" maximises instead the Laplace
+        probes at every s, its steps grown until its Gauss and Gauss-Radau bounds
+        agree within a nat (see the user guide). "loo" maximises instead the Laplace
         approximation of the leave-one-out log predictive of the posterior mode's
         probabilities (each training point's cavity, the posterior with its
         likelihood removed), by its values; dense solver only. The evidence scores

@@ -10,6 +10,7 @@ parameter to change.
 import math
 
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from ._diagnostics import warn
@@ -119,14 +120,32 @@ class LaplaceFitMixin:
                 + " Pass prior as a number instead (for example chosen by "
                 "GridSearchCV)."
             )
+        gap = search.evidence.quadrature_gap
+        if gap > self._policy.evidence_gap_nats:
+            warn(
+                f"{type(self).__name__}: the stochastic Laplace evidence has not "
+                f"converged at the fitted prior={search.prior:.3g}: its Lanczos "
+                f"quadrature is known only within {gap:.3g} nats there (its Gauss and "
+                "Gauss-Radau bounds) after the most steps the fit allows "
+                "(Policy.evidence_max_growth, evidence_basis_bytes), so the prior may "
+                "be far from the evidence's maximum. Use solver='dense' where it "
+                "fits in memory, or set prior to a number (for example by "
+                "GridSearchCV).",
+                ConvergenceWarning,
+            )
         return search.posterior, search.evidence, search.n_evaluations
 
     def _evidence_options(self):
-        """Options of the stochastic log-determinant (CG solver), from the policy."""
+        """Options of the stochastic log-determinant (CG solver), from the policy:
+        its steps grow as the regressor's Lanczos evidence's do."""
+        policy = self._policy
         return dict(
-            n_probes=self._policy.laplace_evidence_probes,
-            lanczos_steps=self._policy.laplace_evidence_steps,
+            n_probes=policy.laplace_evidence_probes,
+            lanczos_steps=policy.laplace_evidence_steps,
             generator_seed=self._seed(),
+            gap_nats=policy.evidence_gap_nats,
+            basis_bytes=policy.evidence_basis_bytes,
+            max_growth=policy.evidence_max_growth,
         )
 
     @full_float32_precision

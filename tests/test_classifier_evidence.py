@@ -282,3 +282,35 @@ def test_predict_latent_matches_reference(case, path):
     # chunking does not change it
     clf.set_params(batch_size=3)
     np.testing.assert_allclose(clf.predict_latent(X_test)[1], cov, rtol=1e-10)
+
+
+@pytest.mark.parametrize("space", list(CG))
+def test_stochastic_evidence_grows_its_steps_until_resolved(space):
+    """With 2 Lanczos steps per probe the log-determinant's Gauss and Gauss-Radau
+    rules (a node at 1: B ⪰ I) differ by 1.7-1.9 nats of evidence at the optimum. The
+    steps double at each prior tried until they agree within a nat, so the prior
+    found is one whose evidence (with the same probes, exact quadrature: 200 steps)
+    is within a nat of the maximum; held at 2 steps, the fit warns instead."""
+    X, y = blobs(60, 3)
+    net = mlp(3)
+    fits = {}
+    for name, policy in {
+        "exact": dict(laplace_evidence_steps=200),
+        "grown": dict(laplace_evidence_steps=2),
+    }.items():
+        clf = FiniteNTKClassifier(net, tol=1e-10, random_state=0, **CG[space])
+        clf._policy = Policy(**policy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            fits[name] = clf.fit(X, y)
+    assert fits["grown"]._evidence.quadrature_gap <= 1.0
+    there = FiniteNTKClassifier(
+        net, prior=fits["grown"].prior_, tol=1e-10, random_state=0, **CG[space]
+    )
+    there._policy = Policy(laplace_evidence_steps=200)
+    best = fits["exact"].log_marginal_likelihood()
+    assert 0 <= best - there.fit(X, y).log_marginal_likelihood() <= 1.0
+    held = FiniteNTKClassifier(net, tol=1e-10, random_state=0, **CG[space])
+    held._policy = Policy(laplace_evidence_steps=2, evidence_max_growth=1)
+    with pytest.warns(ConvergenceWarning, match="stochastic Laplace evidence has not"):
+        held.fit(X, y)

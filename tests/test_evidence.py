@@ -16,7 +16,13 @@ from torch.func import functional_call, jacrev, vmap
 from sklearn_fntk._inference.evidence import LanczosSpectrum, SpectralEvidence
 from sklearn_fntk._inference.hyperparameters import maximize_evidence
 from sklearn_fntk._inference.stochastic_evidence import stochastic_log_marginal_likelihood
-from sklearn_fntk._linalg.lanczos import Lanczos, lanczos, quadrature, rademacher
+from sklearn_fntk._linalg.lanczos import (
+    Lanczos,
+    lanczos,
+    quadrature,
+    rademacher,
+    stochastic_log_det,
+)
 
 NOISES = np.array([1e-2, 1e-1, 1.0, 10.0])
 PRIORS = np.array([0.1, 1.0, 10.0])
@@ -462,3 +468,30 @@ def test_lanczos_spectrum_growth_stops_at_its_limits(limit, steps):
     spectrum = LanczosSpectrum(product, Jt_r, space="parameter", options=options, **sizes)
     spectrum.converge(lambda e: (0.3, 20.0), options)
     assert spectrum.steps == steps
+
+
+def test_stochastic_log_det_brackets_and_grows():
+    # A = I + diag(f), f over 6 decades: for Rademacher probes zᵀ log(A) z = log|A|
+    # exactly, so the quadratures' errors are the steps' alone. Each probe's Gauss
+    # rule of log is an upper bound and its Gauss-Radau rule with a node at 1 (the
+    # floor) a lower one; with a gap of 0.5 the steps double from 2 until the two
+    # are that close, and the estimate is within it.
+    f = torch.logspace(-3, 3, 80, dtype=torch.float64)
+    exact = float(torch.log1p(f).sum())
+    options = dict(dtype=torch.float64, device="cpu", n_probes=4)
+
+    def estimate(**growth):
+        return stochastic_log_det(
+            lambda V: V + f[:, None] * V, 80, 1.0, steps=2,
+            generator=torch.Generator().manual_seed(0), **options, **growth,
+        )  # fmt: skip
+
+    fixed = estimate()
+    assert fixed.steps == 2 and fixed.log_det > exact
+    assert fixed.quadrature_gap > fixed.log_det - exact > 1.0
+    grown = estimate(gap=0.5, max_steps=80)
+    assert grown.steps in (4, 8, 16, 32, 64, 80)
+    assert grown.quadrature_gap <= 0.5
+    assert 0 <= grown.log_det - exact <= grown.quadrature_gap + 1e-9
+    capped = estimate(gap=0.5, max_steps=5)
+    assert capped.steps == 5 and capped.quadrature_gap > 0.5

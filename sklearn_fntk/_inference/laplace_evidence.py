@@ -70,12 +70,16 @@ class LaplaceEvidence(NamedTuple):
     std_error : float
         Standard error of the log-determinant estimate (0 when exact); that of the
         log evidence is half of it.
+    quadrature_gap : float
+        Half the log-determinant's Gauss-Radau gap (``LogDetEstimate``): in nats, a
+        bound of the log evidence's quadrature error (0 when exact).
     """
 
     log_marginal_likelihood: float
     gradient: float | None
     log_det: float
     std_error: float
+    quadrature_gap: float = 0.0
 
 
 def _log_det_dense(posterior):
@@ -87,8 +91,10 @@ def _log_det_dense(posterior):
     return log_det
 
 
-def _log_det_stochastic(posterior, n_probes, lanczos_steps, generator):
-    """Stochastic Lanczos quadrature of log|I + s·JᵀΛJ| (or log|B|): both are ⪰ I."""
+def _log_det_stochastic(posterior, n_probes, lanczos_steps, generator, growth):
+    """Stochastic Lanczos quadrature of log|I + s·JᵀΛJ| (or log|B|): both are ⪰ I,
+    so the Gauss-Radau rule fixes a node at 1. ``growth``: ``gap`` and ``max_steps``
+    of :func:`stochastic_log_det`, or None."""
     system, s = posterior.system, posterior.prior
     operator = system.operator
     if posterior.choices.space == "parameter":
@@ -108,6 +114,7 @@ def _log_det_stochastic(posterior, n_probes, lanczos_steps, generator):
         n_probes=n_probes,
         steps=lanczos_steps,
         generator=generator,
+        **(growth or {}),
     )
 
 
@@ -192,7 +199,15 @@ def _gradient(posterior):
 
 
 def laplace_evidence(
-    posterior, *, gradient=False, n_probes=32, lanczos_steps=50, generator=None
+    posterior,
+    *,
+    gradient=False,
+    n_probes=32,
+    lanczos_steps=50,
+    generator=None,
+    gap_nats=None,
+    basis_bytes=None,
+    max_growth=1,
 ):
     """The Laplace log evidence, eq. (1), of a fitted :class:`LaplacePosterior`.
 
@@ -207,6 +222,13 @@ def laplace_evidence(
         with the CG solver.
     generator : torch.Generator or None
         Draws the probes.
+    gap_nats : float or None, default=None
+        With CG: double the Lanczos steps while the log evidence's Gauss-Radau gap
+        (``LaplaceEvidence.quadrature_gap``) exceeds this, up to ``max_growth``
+        times ``lanczos_steps`` and Lanczos bases of ``basis_bytes`` bytes
+        (n_probes x steps x size entries). None: ``lanczos_steps`` only.
+    basis_bytes : int or None, default=None
+    max_growth : int, default=1
 
     Returns
     -------
@@ -216,14 +238,23 @@ def laplace_evidence(
     if gradient and not dense:
         raise ValueError("The evidence's gradient needs the dense solver.")
     if dense:
-        log_det, std_error = _log_det_dense(posterior), 0.0
+        log_det, std_error, gap = _log_det_dense(posterior), 0.0, 0.0
     else:
-        log_det, std_error = _log_det_stochastic(
-            posterior, n_probes, lanczos_steps, generator
+        growth = None
+        if gap_nats is not None:
+            w, size = posterior.delta, posterior.system.size
+            held = (basis_bytes or 0) // (n_probes * size * w.element_size())
+            max_steps = max(lanczos_steps, min(max_growth * lanczos_steps, held))
+            # log p = ... - ½ log|B|: a log-determinant gap of 2·gap_nats
+            growth = dict(gap=2.0 * gap_nats, max_steps=max_steps)
+        estimate = _log_det_stochastic(
+            posterior, n_probes, lanczos_steps, generator, growth
         )
+        log_det, std_error = estimate.log_det, estimate.std_error
+        gap = 0.5 * estimate.quadrature_gap
     value = -posterior.objective - 0.5 * log_det
     slope = _gradient(posterior) if gradient else None
-    return LaplaceEvidence(value, slope, log_det, std_error)
+    return LaplaceEvidence(value, slope, log_det, std_error, gap)
 
 
 class EvidenceSearch(NamedTuple):

@@ -81,6 +81,8 @@ class Policy:
     laplace_evidence_steps : int, default=50
         Lanczos steps per probe of that estimate (log|B| with B ⪰ I: the shift 1
         keeps the small eigenvalues from needing many nodes).
+        The first steps: they grow as ``evidence_gap_nats``, ``evidence_max_growth``
+        and ``evidence_basis_bytes`` say (the Gauss-Radau rule fixes a node at 1).
     probit_error : float or None, default=1e-3
         The classifier's probit link after a dense fit of size up to ``eigen_size``
         takes its logit variances from the top eigenpairs of the Laplace precision

@@ -88,7 +88,7 @@ def stochastic_log_marginal_likelihood(
     r = residuals.reshape(-1)
     if r.numel() != size:
         raise ValueError(f"residuals have {r.numel()} entries, expected size={size}.")
-    log_det, std_error = stochastic_log_det(
+    estimate = stochastic_log_det(
         matmat,
         size,
         noise,
@@ -100,5 +100,6 @@ def stochastic_log_marginal_likelihood(
     )
     solve = conjugate_gradient(matmat, r, tol=tol, verify=True)
     quadratic = float(r @ solve.solution)
+    log_det = estimate.log_det
     value = -0.5 * quadratic - 0.5 * log_det - 0.5 * size * math.log(2 * math.pi)
-    return StochasticEvidence(value, std_error, log_det, quadratic, solve)
+    return StochasticEvidence(value, estimate.std_error, log_det, quadratic, solve)

@@ -31,10 +31,18 @@ class LogDetEstimate(NamedTuple):
         The mean of the per-probe quadratures.
     std_error : float
         Their standard error.
+    quadrature_gap : float
+        The mean over probes of their Gauss rules' difference from their
+        Gauss-Radau rules', a bound of the quadrature's error (the probes'
+        sampling error aside).
+    steps : int
+        Lanczos steps run per probe.
     """
 
     log_det: float
     std_error: float
+    quadrature_gap: float
+    steps: int
 
 
 class Lanczos:
@@ -126,16 +134,19 @@ class Lanczos:
             basis[:, j + 1] = torch.where(running[:, None], w / divisor, 0.0)
         return self
 
-    def rules(self, radau=False):
-        """Each column's Gauss quadrature (and with ``radau`` its Gauss-Radau rule):
-        see :func:`quadrature`."""
+    def rules(self, radau=False, node=0.0):
+        """Each column's Gauss quadrature (and with ``radau`` its Gauss-Radau rule
+        with a node fixed at ``node``, at most K's smallest eigenvalue): see
+        :func:`quadrature`."""
         rules = []
         for i in range(self.lengths.numel()):
             T = _tridiagonal(self.alpha, self.beta, self.lengths, i).to(torch.float64)
             theta, S = torch.linalg.eigh(T)
             gauss = (theta, S[0] ** 2)
-            residual = self.beta[int(self.lengths[i]) - 1, i]
-            rules.append((gauss, _radau_rule(T, theta, S, residual)) if radau else gauss)
+            if radau:
+                residual = self.beta[int(self.lengths[i]) - 1, i]
+                gauss = (gauss, _radau_rule(T, theta, S, residual, node))
+            rules.append(gauss)
         return rules
 
 
@@ -227,10 +238,11 @@ def quadrature(matmat, Q, steps, radau=False):
     return Lanczos(matmat, Q / norms).extend(steps).rules(radau)
 
 
-def _radau_rule(T, theta, S, residual):
-    """The Gauss-Radau rule with a node at 0 from the Lanczos tridiagonal T = S diag(θ)
-    Sᵀ (L x L) and its final residual norm β_L: the eigenpairs of T extended by β_L
-    and α̃ = β_L² [T⁻¹]_LL, which puts an eigenvalue at 0 (Golub & Meurant, 2010)."""
+def _radau_rule(T, theta, S, residual, node=0.0):
+    """The Gauss-Radau rule with a node at ``node`` (a ≤ λ_min) from the Lanczos
+    tridiagonal T = S diag(θ) Sᵀ (L x L) and its final residual norm β_L: the
+    eigenpairs of T extended by β_L and α̃ = a + β_L² [(T - aI)⁻¹]_LL, which puts an
+    eigenvalue at a (Golub & Meurant, 2010)."""
     L = T.shape[0]
     residual = float(residual)
     if residual == 0.0:  # an invariant Krylov space: the Gauss rule is exact
@@ -239,14 +251,34 @@ def _radau_rule(T, theta, S, residual):
     extended = T.new_zeros(L + 1, L + 1)
     extended[:L, :L] = T
     extended[L - 1, L] = extended[L, L - 1] = residual
-    # [T⁻¹]_LL = Σ_j S[L-1, j]² / θ_j; θ > 0 for a start in the range of A
-    extended[L, L] = residual**2 * float((S[L - 1] ** 2 / theta.clamp_min(tiny)).sum())
+    # [(T - aI)⁻¹]_LL = Σ_j S[L-1, j]² / (θ_j - a); θ > a for a start in the range
+    # of A - aI
+    shifted = (theta - node).clamp_min(tiny)
+    extended[L, L] = node + residual**2 * float((S[L - 1] ** 2 / shifted).sum())
     nodes, vectors = torch.linalg.eigh(extended)
-    return nodes.clamp_min(0.0), vectors[0] ** 2
+    return nodes.clamp_min(node), vectors[0] ** 2
 
 
-def stochastic_log_det(matmat, size, floor, *, dtype, device, n_probes, steps, generator):
+def stochastic_log_det(
+    matmat,
+    size,
+    floor,
+    *,
+    dtype,
+    device,
+    n_probes,
+    steps,
+    generator,
+    gap=None,
+    max_steps=None,
+):
     """Estimate log|A| by stochastic Lanczos quadrature over Rademacher probes.
+
+    For each probe the Gauss rule of log is an upper bound of its quadratic form,
+    and the Gauss-Radau rule with a node at ``floor`` (≤ λ_min) a lower bound
+    (:func:`quadrature`): with ``gap``, the runs double their steps (continuing,
+    :class:`Lanczos`) while the two estimates of log|A| differ by more than
+    ``gap``, up to ``max_steps``.
 
     Parameters
     ----------
@@ -255,15 +287,21 @@ def stochastic_log_det(matmat, size, floor, *, dtype, device, n_probes, steps, g
     size : int
         d.
     floor : float
-        A lower bound on A's eigenvalues (its shift): Ritz values are clamped to it.
+        A lower bound on A's eigenvalues (its shift): Ritz values are clamped to it,
+        and the Gauss-Radau rule fixes a node there.
     dtype : torch.dtype
     device : torch.device or str
     n_probes : int
         At least 2, for the standard error.
     steps : int
-        Lanczos steps per probe (quadrature nodes), at least 1.
+        Lanczos steps per probe (quadrature nodes), at least 1: the first ones.
     generator : torch.Generator or None
         Draws the probes.
+    gap : float or None, default=None
+        Grow the steps until the Gauss and Gauss-Radau estimates are this close;
+        None: ``steps`` only.
+    max_steps : int or None, default=None
+        At most this many steps (None: ``steps``).
 
     Returns
     -------
@@ -271,17 +309,31 @@ def stochastic_log_det(matmat, size, floor, *, dtype, device, n_probes, steps, g
     """
     if n_probes < 2:
         raise ValueError(f"n_probes must be at least 2, got {n_probes}.")
+    if steps < 1:
+        raise ValueError(f"lanczos_steps must be at least 1, got {steps}.")
     probes = rademacher(size, n_probes, dtype=dtype, device=device, generator=generator)
-    rules = quadrature(matmat, probes, steps)
-    # zᵀ log(A) z ≈ ‖z‖² Σ_j τ_j² log θ_j, ‖z‖² = d
-    per_probe = torch.stack(
-        [
-            size * (weights * torch.log(nodes.clamp_min(floor))).sum()
-            for nodes, weights in rules
-        ]
-    )
+    run = Lanczos(matmat, probes / math.sqrt(size)).extend(steps)
+    max_steps = max(steps, max_steps or steps)
+    while True:
+        # zᵀ log(A) z ≈ ‖z‖² Σ_j τ_j² log θ_j, ‖z‖² = d; per probe, Gauss and Radau
+        gauss, radau = (
+            torch.stack(
+                [
+                    size * (weights * torch.log(nodes.clamp_min(floor))).sum()
+                    for nodes, weights in rules
+                ]
+            )
+            for rules in zip(*run.rules(radau=True, node=floor), strict=True)
+        )
+        difference = float((gauss - radau).mean().abs())
+        if gap is None or difference <= gap or run.exhausted or run.steps >= max_steps:
+            break
+        run.extend(min(2 * run.steps, max_steps))
     return LogDetEstimate(
-        float(per_probe.mean()), float(per_probe.std() / math.sqrt(n_probes))
+        float(gauss.mean()),
+        float(gauss.std() / math.sqrt(n_probes)),
+        difference,
+        run.steps,
     )
 
 
