@@ -495,3 +495,32 @@ def test_stochastic_log_det_brackets_and_grows():
     assert 0 <= grown.log_det - exact <= grown.quadrature_gap + 1e-9
     capped = estimate(gap=0.5, max_steps=5)
     assert capped.steps == 5 and capped.quadrature_gap > 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_lanczos_evidence_ignores_rounding_level_ritz_values(seed):
+    # F = JᵀJ of rank 40 < p = 120. Past its rank, a float32 Lanczos run from Jᵀr
+    # finds Ritz values of F's null space at rounding level (here one negative, so
+    # clamped to 0) with rounding-level weights; eq. (2) divided by s·0 + σ², and
+    # rᵀK⁻¹r·σ² came out at -112 and -48 for σ² = 1e-10 (exact: ‖r_⊥‖² = 270 and
+    # 295), which sent the noise search to its lower bound on real data. Such nodes
+    # are dropped from the parameter-space quadratic term.
+    generator = torch.Generator().manual_seed(seed)
+    J = torch.randn(300, 40, generator=generator, dtype=torch.float64) @ torch.randn(
+        40, 120, generator=generator, dtype=torch.float64
+    )
+    J = J * torch.logspace(0, -3, 120, dtype=torch.float64)
+    r = torch.randn(300, generator=generator, dtype=torch.float64)
+    J32, r32 = J.float(), r.float()
+    options = dict(
+        quadratic_steps=120, log_det_steps=10, n_probes=2,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    evidence = LanczosSpectrum(
+        lambda V: J32.T @ (J32 @ V), J32.T @ r32, space="parameter", size=300,
+        residual_sq_norm=float(r32 @ r32), options=options,
+    ).evidence()  # fmt: skip
+    noise = torch.tensor([1e-10], dtype=torch.float64)
+    quadratic = float(evidence._terms(noise, torch.ones_like(noise))[0]) * 1e-10
+    r_perp = r - J @ torch.linalg.lstsq(J, r[:, None]).solution[:, 0]
+    assert quadratic == pytest.approx(float(r_perp @ r_perp), rel=1e-5)
