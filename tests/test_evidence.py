@@ -524,3 +524,7 @@ def test_float32_lanczos_evidence_ignores_rounding_level_ritz_values(seed):
     quadratic = float(evidence._terms(noise, torch.ones_like(noise))[0]) * 1e-10
     r_perp = r - J @ torch.linalg.lstsq(J, r[:, None]).solution[:, 0]
     assert quadratic == pytest.approx(float(r_perp @ r_perp), rel=1e-5)
+    # past its resolvable spectrum the run counts as resolved: its Gauss-Radau rule
+    # needs Ritz values above 0, and was made of those weights alone (1.9e12 and
+    # 1.7e12 nats)
+    assert evidence.quadrature_gaps(1e-10, 1.0)[0] == 0.0
