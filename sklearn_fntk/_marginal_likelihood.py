@@ -163,7 +163,9 @@ class MarginalLikelihoodMixin:
             Gauss and Gauss-Radau bounds there differ by more than a nat.
         n_probes, lanczos_steps : int, default=32, 150
             Probes and Lanczos steps of the stochastic estimate at the fitted
-            variances. Small noise needs more steps (see the user guide).
+            variances. Small noise needs more steps (see the user guide): a
+            ``ConvergenceWarning`` says where the Gauss and Gauss-Radau
+            quadratures of the log-determinant differ by more than a nat.
         return_std_error : bool, default=False
             Also return the standard error of the estimate over probes (0 for
             "exact"), at the fitted variances only.
@@ -212,6 +214,14 @@ class MarginalLikelihoodMixin:
                 n_probes, lanczos_steps, generator
             )
             self._warn_unconverged(estimate.solve, "the evidence's quadratic term")
+            if estimate.quadrature_gap > self._policy.evidence_gap_nats:
+                warn(
+                    f"{type(self).__name__}: the stochastic evidence's log-determinant "
+                    f"has not converged in lanczos_steps={lanczos_steps}: its Gauss "
+                    "and Gauss-Radau quadratures put the log evidence only within "
+                    f"{estimate.quadrature_gap:.3g} nats. Increase lanczos_steps.",
+                    ConvergenceWarning,
+                )
             # log p = -½ log|K| + ...: half the log-determinant's standard error
             value, std_error = (
                 estimate.log_marginal_likelihood,

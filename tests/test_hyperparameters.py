@@ -348,6 +348,21 @@ def test_matrix_free_evidence_warns_where_asked_beyond_what_it_resolved(
         reg.log_marginal_likelihood(1e-4, 10.0, method="stochastic")
 
 
+def test_stochastic_evidence_at_the_fit_warns_with_too_few_steps(network_and_data):
+    """log_marginal_likelihood(method="stochastic") at the fitted pair: its
+    log-determinant's Gauss and Gauss-Radau rules (a node at σ²) bracket each
+    probe's form; with 2 steps for K of order 600 they differ by more than a nat
+    and it warns, with 200 steps it is quiet."""
+    net, X, y = network_and_data
+    reg = FiniteNTKRegressor(net, noise=0.05, prior=0.4, solver="cg", random_state=0)
+    reg.fit(X, y)
+    with pytest.warns(ConvergenceWarning, match="lanczos_steps=2: its Gauss"):
+        reg.log_marginal_likelihood(method="stochastic", lanczos_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        reg.log_marginal_likelihood(method="stochastic", lanczos_steps=200)
+
+
 @pytest.mark.parametrize(
     "limit", [dict(evidence_max_growth=1), dict(evidence_basis_bytes=161 * 8 * 3)]
 )

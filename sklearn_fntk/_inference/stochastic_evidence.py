@@ -31,6 +31,9 @@ class StochasticEvidence(NamedTuple):
         rᵀK⁻¹r by conjugate gradient.
     solve : CGResult
         That solve's report.
+    quadrature_gap : float
+        Half the log-determinant's Gauss-Radau gap (``LogDetEstimate``): in nats, a
+        bound of the log evidence's quadrature error (the probes' aside).
     """
 
     log_marginal_likelihood: float
@@ -38,6 +41,7 @@ class StochasticEvidence(NamedTuple):
     log_det: float
     quadratic: float
     solve: CGResult
+    quadrature_gap: float
 
 
 def stochastic_log_marginal_likelihood(
@@ -102,4 +106,6 @@ def stochastic_log_marginal_likelihood(
     quadratic = float(r @ solve.solution)
     log_det = estimate.log_det
     value = -0.5 * quadratic - 0.5 * log_det - 0.5 * size * math.log(2 * math.pi)
-    return StochasticEvidence(value, estimate.std_error, log_det, quadratic, solve)
+    return StochasticEvidence(
+        value, estimate.std_error, log_det, quadratic, solve, estimate.quadrature_gap / 2
+    )
