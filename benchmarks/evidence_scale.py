@@ -1,7 +1,7 @@
 """noise="auto" and prior="auto" on the CG path: accuracy and cost of the evidence.
 
 With the dense solver the evidence is exact (one eigendecomposition); with CG it is a
-Lanczos quadrature (``SpectralEvidence.from_lanczos``). Two experiments:
+Lanczos quadrature (``LanczosSpectrum``). Two experiments:
 
 - ``medium``: n = 4000 points, MLP 10-64-64-1 (p = 4929), float64. The "auto" fit
   with the dense solver against the one with CG forced, in function and parameter

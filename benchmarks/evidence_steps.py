@@ -1,7 +1,7 @@
 """Lanczos steps of the matrix-free evidence against its exact optimum.
 
 noise="auto" and prior="auto" on the CG path maximise a Lanczos quadrature of the
-evidence (``SpectralEvidence.from_lanczos``): ``Policy.evidence_probes`` Rademacher
+evidence (``LanczosSpectrum``): ``Policy.evidence_probes`` Rademacher
 probes of ``Policy.evidence_log_det_steps`` steps for log|K|, and
 ``Policy.evidence_quadratic_steps`` steps from Jᵀr for the quadratic term. This
 script fits the same data with the dense solver (the exact evidence, one float64

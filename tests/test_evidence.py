@@ -347,14 +347,14 @@ def test_lanczos_evidence_is_evaluated_in_float64_on_the_cpu():
         n_probes=4,
         generator=torch.Generator(device=TEST_DEVICE).manual_seed(0),
     )
-    evidence = SpectralEvidence.from_lanczos(
+    evidence = LanczosSpectrum(
         lambda V: J32.T @ (J32 @ V),
         J32.T @ r32,
         space="parameter",
         size=60,
         residual_sq_norm=float(r32 @ r32),
         options=options,
-    )
+    ).evidence()
     tensors = [value for value in vars(evidence).values() if torch.is_tensor(value)]
     assert len(tensors) >= 5
     assert all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors)

@@ -31,7 +31,7 @@ h = Σ_i z_i² s·λ_i / D_i² (λ the kept eigenvalues, m of them):
     ∂q/∂a = -q + h,   ∂q/∂b = -h,
     ∂log|K|/∂a = Σ_i σ²/D_i + (d - m),   ∂log|K|/∂b = Σ_i s·λ_i / D_i.               (4)
 
-**Large problems**: :meth:`SpectralEvidence.from_lanczos` replaces the
+**Large problems**: :class:`LanczosSpectrum` replaces the
 eigendecomposition by a Lanczos quadrature of the same spectrum, and
 ``stochastic_evidence.stochastic_log_marginal_likelihood`` estimates log p(y) at one
 pair by stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017; Gardner et al. 2018)
@@ -43,7 +43,7 @@ import math
 import numpy as np
 import torch
 
-from .._linalg.lanczos import Lanczos, rademacher
+from .._linalg.lanczos import Lanczos, growth_limit, rademacher
 from .._linalg.memory import check_fits, largest
 from .._stages import NO_STAGES
 from .operators import FunctionOperator, ParameterOperator
@@ -87,7 +87,7 @@ class SpectralEvidence:
     eigenvalues : array-like of shape (m,)
         Eigenvalues λ of G kept (negative rounding values are set to 0); the other
         d - m eigenvalues of G are 0. In function space all d (eq. (1) sums over
-        them), or the nodes of a quadrature (:meth:`from_lanczos`).
+        them), or the nodes of a quadrature (:class:`LanczosSpectrum`).
     coefficients : array-like of shape (m,)
         z_i = u_iᵀ r, the residuals projected on the matching unit eigenvectors of G.
     residual_sq_norm : float
@@ -102,7 +102,7 @@ class SpectralEvidence:
         function space, eq. (2) in parameter space, where the eigenvalues are F's.
     log_det : tuple (nodes, weights, n_null) or None, default=None
         A quadrature for log|K| in place of the eigenvalues': log|K| =
-        Σ_i w_i log(s·μ_i + σ²) + n_null·log σ² (see :meth:`from_lanczos`). None:
+        Σ_i w_i log(s·μ_i + σ²) + n_null·log σ² (see :class:`LanczosSpectrum`). None:
         the eigenvalues with weight 1 and ``n_null`` = d - m.
 
     Attributes
@@ -112,7 +112,7 @@ class SpectralEvidence:
         d, and d - m, the zero eigenvalues of G.
     space : str
     radau : SpectralEvidence or None
-        For a Lanczos quadrature (:meth:`from_lanczos`), the same evidence with
+        For a Lanczos quadrature (:class:`LanczosSpectrum`), the same evidence with
         Gauss-Radau rules in place of the Gauss rules: each pair brackets its term
         (see :func:`quadrature`); :meth:`quadrature_gap`. None otherwise.
     """
@@ -225,25 +225,6 @@ class SpectralEvidence:
         # z = c / √f with c = Vᵀ Jᵀ r
         z = (V.T @ Jt_r) / f.sqrt()
         return cls(f, z, residual_sq_norm, size, vectors=V, space="parameter")
-
-    @classmethod
-    def from_lanczos(
-        cls, matmat, start, *, space, size, residual_sq_norm, options, stages=NO_STAGES
-    ):
-        """Lanczos quadrature of the spectrum of G = J Jᵀ (function space) or
-        F = JᵀJ (parameter space), matrix-free, for every (σ², s) at once: the
-        evidence of a :class:`LanczosSpectrum` (same parameters) run for the
-        ``options``' steps.
-
-        Returns
-        -------
-        SpectralEvidence
-        """
-        spectrum = LanczosSpectrum(
-            matmat, start, space=space, size=size, residual_sq_norm=residual_sq_norm,
-            options=options, stages=stages,
-        )  # fmt: skip
-        return spectrum.evidence()
 
     @classmethod
     def _of_rule(
@@ -546,19 +527,26 @@ class LanczosSpectrum:
         SpectralEvidence
         """
         half = 0.5 * options["gap_nats"]
-        limits = (
-            options["max_growth"] * options["quadratic_steps"],
-            options["max_growth"] * options["log_det_steps"],
-        )
-        columns = (1, self._n_probes)
+        caps = [
+            growth_limit(
+                options[first],
+                columns,
+                self._order,
+                self._itemsize,
+                max_growth=options["max_growth"],
+                basis_bytes=options["basis_bytes"],
+            )  # fmt: skip
+            for first, columns in (
+                ("quadratic_steps", 1),
+                ("log_det_steps", self._n_probes),
+            )
+        ]
         evidence = self.evidence()
         while True:
             gaps = evidence.quadrature_gaps(*optimum(evidence))
             runs = (self._quadratic, self._log_det)
             steps = []
-            for run, gap, limit, b in zip(runs, gaps, limits, columns, strict=True):
-                held = options["basis_bytes"] // (b * self._order * self._itemsize)
-                cap = max(min(limit, held), run.steps if run is not None else 0)
+            for run, gap, cap in zip(runs, gaps, caps, strict=True):
                 grows = run is not None and gap > half and not run.exhausted
                 steps.append(min(2 * run.steps, cap) if grows else 0)
             if all(new <= old for new, old in zip(steps, self.steps, strict=True)):
@@ -589,7 +577,7 @@ def spectral_evidence(
         The layerwise kernel, for G.
     lanczos : dict or None
         None: exact, from the dense G or F (one eigendecomposition). Otherwise the
-        ``options`` of :meth:`SpectralEvidence.from_lanczos` (matrix-free).
+        ``options`` of :class:`LanczosSpectrum` (matrix-free).
     stages : Stages
         Where the stages (eigendecomposition, or Lanczos runs) are reported.
     assemble : bool, default=False

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from scipy.optimize import brentq, minimize_scalar
 
-from .._linalg.lanczos import stochastic_log_det
+from .._linalg.lanczos import growth_limit, stochastic_log_det
 from .._linearize.jacobian import EXPLICIT_BLOCK_BYTES
 from .operators import blockwise
 
@@ -242,9 +242,11 @@ def laplace_evidence(
     else:
         growth = None
         if gap_nats is not None:
-            w, size = posterior.delta, posterior.system.size
-            held = (basis_bytes or 0) // (n_probes * size * w.element_size())
-            max_steps = max(lanczos_steps, min(max_growth * lanczos_steps, held))
+            max_steps = growth_limit(
+                lanczos_steps, n_probes, posterior.system.size,
+                posterior.delta.element_size(),
+                max_growth=max_growth, basis_bytes=basis_bytes or 0,
+            )  # fmt: skip
             # log p = ... - ½ log|B|: a log-determinant gap of 2·gap_nats
             growth = dict(gap=2.0 * gap_nats, max_steps=max_steps)
         estimate = _log_det_stochastic(

@@ -118,7 +118,7 @@ class Policy:
     probit_tail_weight: float = 1e-3
 
     def lanczos_options(self, generator):
-        """The options of ``SpectralEvidence.from_lanczos``."""
+        """The options of ``LanczosSpectrum``."""
         return {
             "n_probes": self.evidence_probes,
             "log_det_steps": self.evidence_log_det_steps,

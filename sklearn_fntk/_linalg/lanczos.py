@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "Lanczos",
     "LogDetEstimate",
+    "growth_limit",
     "lanczos",
     "largest_eigenvalue",
     "quadrature",
@@ -148,6 +149,14 @@ class Lanczos:
                 gauss = (gauss, _radau_rule(T, theta, S, residual, node))
             rules.append(gauss)
         return rules
+
+
+def growth_limit(steps, columns, order, itemsize, *, max_growth, basis_bytes):
+    """The most steps a growing :class:`Lanczos` run may reach: ``max_growth`` times
+    its first ``steps``, while its bases (``columns`` x steps x ``order`` entries of
+    ``itemsize`` bytes) take at most ``basis_bytes``; never fewer than ``steps``."""
+    held = basis_bytes // (columns * order * itemsize)
+    return max(steps, min(max_growth * steps, held))
 
 
 def lanczos(matmat, Q, steps):
