@@ -9,7 +9,7 @@ estimator's helpers (``_generator``, ``_policy``, ``_warn_unconverged``,
 """
 
 import math
-from numbers import Integral
+from numbers import Integral, Real
 
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, validate_parameter_constraints
@@ -182,12 +182,20 @@ class MarginalLikelihoodMixin:
         check_is_fitted(self)
         if method not in ("exact", "stochastic"):
             raise ValueError(f"method must be 'exact' or 'stochastic', got {method!r}.")
+        positive = [Interval(Real, 0, None, closed="neither"), None]
         validate_parameter_constraints(
             {
+                "noise": positive,
+                "prior": positive,
                 "n_probes": [Interval(Integral, 2, None, closed="left")],
                 "lanczos_steps": [Interval(Integral, 1, None, closed="left")],
             },
-            {"n_probes": n_probes, "lanczos_steps": lanczos_steps},
+            {
+                "noise": noise,
+                "prior": prior,
+                "n_probes": n_probes,
+                "lanczos_steps": lanczos_steps,
+            },
             caller_name="log_marginal_likelihood",
         )
         at_fit = noise is None and prior is None and not eval_gradient

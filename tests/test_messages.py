@@ -181,6 +181,12 @@ def test_evidence_and_sampling_arguments(data):
         reg.log_marginal_likelihood(method="stochastic", lanczos_steps=0)
     with pytest.raises(ValueError, match="'n_probes' parameter .* range \\[2, inf\\)"):
         reg.log_marginal_likelihood(method="stochastic", n_probes=1)
+    # an array of pairs failed inside with a TypeError from math.isfinite
+    for noise in ([0.1, 0.2], 0.0, "0.1"):
+        with pytest.raises(ValueError, match="The 'noise' parameter of log_marginal"):
+            reg.log_marginal_likelihood(noise, 1.0)
+    with pytest.raises(ValueError, match="The 'prior' parameter of log_marginal"):
+        reg.log_marginal_likelihood(0.1, -1.0)
     for n_samples in (2.5, 0, "3"):
         with pytest.raises(ValueError, match="The 'n_samples' parameter of sample_y"):
             reg.sample_y(X_test, n_samples=n_samples)
