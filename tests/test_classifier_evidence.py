@@ -314,3 +314,16 @@ def test_stochastic_evidence_grows_its_steps_until_resolved(space):
     held._policy = Policy(laplace_evidence_steps=2, evidence_max_growth=1)
     with pytest.warns(ConvergenceWarning, match="stochastic Laplace evidence has not"):
         held.fit(X, y)
+
+
+def test_stochastic_evidence_grows_within_the_memory_left(monkeypatch):
+    """With no memory left for larger Lanczos bases the steps stay at 2 and the
+    fit warns, as when held by the policy."""
+    from sklearn_fntk._inference import laplace_evidence
+
+    monkeypatch.setattr(laplace_evidence, "usable_bytes", lambda *args: 0.0)
+    X, y = blobs(60, 3)
+    clf = FiniteNTKClassifier(mlp(3), tol=1e-10, random_state=0, **CG["parameter"])
+    clf._policy = Policy(laplace_evidence_steps=2)
+    with pytest.warns(ConvergenceWarning, match="stochastic Laplace evidence has not"):
+        clf.fit(X, y)

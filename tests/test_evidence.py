@@ -470,6 +470,23 @@ def test_lanczos_spectrum_growth_stops_at_its_limits(limit, steps):
     assert spectrum.steps == steps
 
 
+@pytest.mark.parametrize("usable, steps", [(math.inf, (16, 16)), (0.0, (2, 2))])
+def test_lanczos_spectrum_growth_stays_within_the_memory_left(usable, steps):
+    # Each doubling asks how many bytes a new allocation may take (the memory
+    # guard's share of what is available): unlimited, the limits above stop it;
+    # with none left, no run grows.
+    product, Jt_r, sizes = wide_spectrum_problem()
+    options = spectrum_options(max_growth=8)
+    asked = []
+    spectrum = LanczosSpectrum(
+        product, Jt_r, space="parameter", options=options,
+        usable=lambda: asked.append(1) or usable, **sizes,
+    )  # fmt: skip
+    spectrum.converge(lambda e: (0.3, 20.0), options)
+    assert spectrum.steps == steps
+    assert len(asked) >= 1 + (usable > 0) * 3  # once per doubling and the last look
+
+
 def test_stochastic_log_det_brackets_and_grows():
     # A = I + diag(f), f over 6 decades: for Rademacher probes zᵀ log(A) z = log|A|
     # exactly, so the quadratures' errors are the steps' alone. Each probe's Gauss

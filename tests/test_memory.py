@@ -166,6 +166,37 @@ def test_evidence_maximisation(data, no_memory):
     assert "solver='cg'" in message
 
 
+@pytest.mark.parametrize(
+    "estimator, what, bases, advice",
+    [
+        (
+            FiniteNTKRegressor,
+            "The matrix-free evidence (noise or prior 'auto' with CG)",
+            "the log-determinant's Lanczos bases 16 x 151 x 40",
+            "set noise and prior.",
+        ),
+        (
+            FiniteNTKClassifier,
+            "The stochastic Laplace evidence (prior 'auto' with CG)",
+            "the log-determinant's Lanczos bases 32 x 51 x ",
+            "set prior to a number.",
+        ),
+    ],
+)
+def test_lanczos_evidence(data, monkeypatch, estimator, what, bases, advice):
+    # the bases of the quadrature's first steps (their growth stays within what is
+    # left: test_evidence.py, test_classifier_evidence.py)
+    X, y, _ = data
+    if estimator is FiniteNTKClassifier:
+        y = (y > np.median(y)).astype(int)
+    monkeypatch.setattr(memory, "memory_limits", lambda device: {"a test limit": 10**5})
+    with pytest.raises(MemoryError) as info:
+        estimator(mlp(), solver="cg").fit(X, y)
+    message = str(info.value)
+    assert message.startswith(what) and message.endswith(advice)
+    assert bases in message
+
+
 def test_exact_evidence_after_a_cg_fit(data, monkeypatch):
     X, y, _ = data
     reg = FiniteNTKRegressor(mlp(), noise=0.1, prior=1.0, solver="cg", variance="low_rank")
@@ -197,7 +228,9 @@ def test_exact_low_rank_variance(data, monkeypatch):
     X, y, _ = data
     monkeypatch.setattr(memory, "memory_limits", lambda device: {"a test limit": 1000})
     with pytest.raises(MemoryError, match="The exact low-rank variance needs"):
-        FiniteNTKRegressor(mlp(), noise=0.1, solver="cg", variance="low_rank").fit(X, y)
+        FiniteNTKRegressor(
+            mlp(), noise=0.1, prior=1.0, solver="cg", variance="low_rank"
+        ).fit(X, y)
 
 
 def test_paths_that_fit_pass_and_match_the_unguarded_result(data, monkeypatch):

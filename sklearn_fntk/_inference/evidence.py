@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .._linalg.lanczos import Lanczos, growth_limit, rademacher
-from .._linalg.memory import check_fits, largest
+from .._linalg.memory import check_fits, largest, usable_bytes
 from .._stages import NO_STAGES
 from .operators import FunctionOperator, ParameterOperator
 from .system import eigen_parts
@@ -411,12 +411,26 @@ class LanczosSpectrum:
         ``max_growth`` and ``basis_bytes`` (``Policy.lanczos_options``).
     stages : Stages
         Where the Lanczos runs are reported, a step per product.
+    usable : callable or None, default=None
+        ``usable() -> bytes`` a new allocation may take now (the memory guard's
+        share, see :func:`usable_bytes`); it bounds the growth of the bases. None:
+        ``basis_bytes`` alone does.
     """
 
     def __init__(
-        self, matmat, start, *, space, size, residual_sq_norm, options, stages=NO_STAGES
+        self,
+        matmat,
+        start,
+        *,
+        space,
+        size,
+        residual_sq_norm,
+        options,
+        stages=NO_STAGES,
+        usable=None,
     ):
         self._matmat, self._stages, self._stage = matmat, stages, None
+        self._usable = usable
         self._space, self._size = space, size
         self._residual_sq_norm = residual_sq_norm
         self._order = start.numel()
@@ -524,7 +538,8 @@ class LanczosSpectrum:
         optimum is found again, until both are within it (the log evidence there is
         then known within ``gap_nats``) or a run can grow no further: at most
         ``max_growth`` times its first steps, its bases within ``basis_bytes``
-        (b·L·order entries for b columns after L steps), and the operator's order.
+        (b·L·order entries for b columns after L steps) and the memory left
+        (``usable``), and the operator's order.
         The caller checks the final gap.
 
         Parameters
@@ -539,31 +554,41 @@ class LanczosSpectrum:
         SpectralEvidence
         """
         half = 0.5 * options["gap_nats"]
-        caps = [
-            growth_limit(
-                options[first],
-                columns,
-                self._order,
-                self._itemsize,
-                max_growth=options["max_growth"],
-                basis_bytes=options["basis_bytes"],
-            )  # fmt: skip
-            for first, columns in (
-                ("quadratic_steps", 1),
-                ("log_det_steps", self._n_probes),
-            )
-        ]
         evidence = self.evidence()
         while True:
             gaps = evidence.quadrature_gaps(*optimum(evidence))
             runs = (self._quadratic, self._log_det)
-            steps = []
+            caps, steps = self._caps(options), []
             for run, gap, cap in zip(runs, gaps, caps, strict=True):
                 grows = run is not None and gap > half and not run.exhausted
                 steps.append(min(2 * run.steps, cap) if grows else 0)
             if all(new <= old for new, old in zip(steps, self.steps, strict=True)):
                 return evidence
             evidence = self.extend(*steps).evidence()
+
+    def _caps(self, options):
+        """The most steps each run (the quadratic term's, the log-determinant's)
+        may reach: ``max_growth`` times its first steps, its bases within
+        ``basis_bytes`` and, with ``usable``, within the memory left, the quadratic
+        term's next basis (at most twice its steps) set aside first."""
+        usable = math.inf if self._usable is None else self._usable()
+        caps = []
+        for run, first, columns in (
+            (self._quadratic, "quadratic_steps", 1),
+            (self._log_det, "log_det_steps", self._n_probes),
+        ):
+            cap = growth_limit(
+                options[first],
+                columns,
+                self._order,
+                self._itemsize,
+                max_growth=options["max_growth"],
+                basis_bytes=int(min(options["basis_bytes"], usable)),
+            )
+            caps.append(cap)
+            steps = 0 if run is None else min(2 * run.steps, cap, self._order)
+            usable -= columns * (steps + 1) * self._order * self._itemsize
+        return caps
 
 
 def spectral_evidence(
@@ -628,6 +653,7 @@ def spectral_evidence(
         with stages("Gram matrix", size=operator.size):
             gram = operator.gram_dense()
     if lanczos is not None:  # over the assembled Gram matrix, or matrix-free
+        _check_lanczos(start, lanczos)
         spectrum = LanczosSpectrum(
             operator.psd_matmat if gram is None else gram.__matmul__,
             start,
@@ -636,6 +662,7 @@ def spectral_evidence(
             residual_sq_norm=residual_sq_norm,
             options=lanczos,
             stages=stages,
+            usable=lambda: usable_bytes(start.device, jacobian.reduction),
         )
         if optimum is None:
             return gram, spectrum.evidence()
@@ -644,6 +671,21 @@ def spectral_evidence(
         if space == "function":
             return gram, SpectralEvidence.from_kernel(gram, r)
         return gram, SpectralEvidence.from_fisher(gram, start, residual_sq_norm, size)
+
+
+def _check_lanczos(start, options):
+    """The memory guard of a :class:`LanczosSpectrum`: the bases of its first steps
+    (its growth stays within what is left, see :meth:`LanczosSpectrum.converge`)."""
+    order = start.numel()
+    parts = [
+        ("the quadratic term's Lanczos basis", (options["quadratic_steps"] + 1, order)),
+        (
+            "the log-determinant's Lanczos bases",
+            (options["n_probes"], options["log_det_steps"] + 1, order),
+        ),
+    ]
+    what = "The matrix-free evidence (noise or prior 'auto' with CG)"
+    check_fits(parts, start.dtype, start.device, what, "set noise and prior")
 
 
 def _check_spectral(operator, eigendecomposition):

@@ -41,6 +41,7 @@ import torch
 from scipy.optimize import brentq, minimize_scalar
 
 from .._linalg.lanczos import growth_limit, stochastic_log_det
+from .._linalg.memory import check_fits, usable_bytes
 from .._linearize.jacobian import EXPLICIT_BLOCK_BYTES
 from .operators import blockwise
 
@@ -226,7 +227,8 @@ def laplace_evidence(
         With CG: double the Lanczos steps while the log evidence's Gauss-Radau gap
         (``LaplaceEvidence.quadrature_gap``) exceeds this, up to ``max_growth``
         times ``lanczos_steps`` and Lanczos bases of ``basis_bytes`` bytes
-        (n_probes x steps x size entries). None: ``lanczos_steps`` only.
+        (n_probes x steps x size entries) within the memory left (the memory
+        guard's share). None: ``lanczos_steps`` only.
     basis_bytes : int or None, default=None
     max_growth : int, default=1
 
@@ -240,12 +242,16 @@ def laplace_evidence(
     if dense:
         log_det, std_error, gap = _log_det_dense(posterior), 0.0, 0.0
     else:
-        growth = None
+        growth, w, size = None, posterior.delta, posterior.system.size
+        bases = ("the log-determinant's Lanczos bases", (n_probes, lanczos_steps + 1, size))
+        what = "The stochastic Laplace evidence (prior 'auto' with CG)"
+        check_fits([bases], w.dtype, w.device, what, "set prior to a number")
         if gap_nats is not None:
+            # a doubling holds the last bases and the new ones, 1.5 times the new
+            usable = usable_bytes(w.device, posterior.jacobian.reduction) / 1.5
             max_steps = growth_limit(
-                lanczos_steps, n_probes, posterior.system.size,
-                posterior.delta.element_size(),
-                max_growth=max_growth, basis_bytes=basis_bytes or 0,
+                lanczos_steps, n_probes, size, w.element_size(),
+                max_growth=max_growth, basis_bytes=int(min(basis_bytes or 0, usable)),
             )  # fmt: skip
             # log p = ... - ½ log|B|: a log-determinant gap of 2·gap_nats
             growth = dict(gap=2.0 * gap_nats, max_steps=max_steps)

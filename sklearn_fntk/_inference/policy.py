@@ -75,7 +75,9 @@ class Policy:
     evidence_basis_bytes : int, default=2**30
         ... and while each run's Lanczos bases (columns x steps x order entries,
         kept for the full reorthogonalisation) take at most this many bytes: with
-        16 probes at p = 21,825 in float32, 768 log-determinant steps.
+        16 probes at p = 21,825 in float32, 768 log-determinant steps; and at
+        most what the memory guard allows a new allocation at each doubling (the
+        first steps' bases are checked before they are allocated).
     laplace_evidence_probes : int, default=32
         Rademacher probes of the classifier's stochastic log-determinant (CG solver).
     laplace_evidence_steps : int, default=50

@@ -23,7 +23,16 @@ import os
 
 import torch
 
-__all__ = ["available_bytes", "check_fits", "largest", "memory_limits", "peak_bytes"]
+from .reduction import LOCAL
+
+__all__ = [
+    "available_bytes",
+    "check_fits",
+    "largest",
+    "memory_limits",
+    "peak_bytes",
+    "usable_bytes",
+]
 
 # Leave room for everything else the process holds (the data, the network, the
 # Jacobian blocks and temporaries that are not counted).
@@ -144,6 +153,13 @@ def available_bytes(device):
     """Memory this process can still allocate on ``device`` in bytes (see
     :func:`memory_limits`; the smallest of its sources)."""
     return min(memory_limits(device).values())
+
+
+def usable_bytes(device, reduction=LOCAL):
+    """Bytes a new allocation on ``device`` may take, as :func:`check_fits` allows
+    it: a share of :func:`available_bytes`; over the processes of a data-parallel
+    fit (``reduction``), the least, so that all make the same choice."""
+    return reduction.minimum_float(_USABLE_FRACTION * available_bytes(device))
 
 
 def _dtype_name(dtype):

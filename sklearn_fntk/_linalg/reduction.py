@@ -57,6 +57,10 @@ class Reduction:
         """Σ over the shards of a number (a Python or 0-d tensor value), a float."""
         return float(value)
 
+    def minimum_float(self, value):
+        """The least over the shards of a number, a float."""
+        return float(value)
+
     def gather(self, obj):
         """Every shard's ``obj`` (picklable), in rank order."""
         return [obj]
@@ -145,6 +149,10 @@ class ProcessGroupReduction(Reduction):
         value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
         return float(self.sum(value.reshape(1))[0])
 
+    def minimum_float(self, value):
+        value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        return float(self.minimum(value.reshape(1))[0])
+
     def gather(self, obj):
         self._check_peers()
         objects = [None] * self.world_size
@@ -195,4 +203,5 @@ class DetachedReduction(Reduction):
             "this one, fit on one process, or with solver='dense'."
         )
 
-    sum = minimum = maximum = sum_float = gather = local_generator = _refuse
+    sum = minimum = maximum = sum_float = minimum_float = gather = _refuse
+    local_generator = _refuse
