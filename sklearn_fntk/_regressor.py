@@ -16,6 +16,7 @@ from ._base import FiniteNTKBase, _to_tensor
 from ._diagnostics import (
     check_finite,
     check_low_rank_variance,
+    check_output_noise,
     check_regression_solve,
     warn,
 )
@@ -428,6 +429,7 @@ class FiniteNTKRegressor(
         scale = reduction.sum_float(scaled_targets.square().sum()) ** 0.5
         check_regression_solve(self, posterior, scale)
         check_low_rank_variance(choices.variance, posterior)
+        check_output_noise(self, posterior, jacobian, residuals, reduction)
         detach(reduction, jacobian)
         self._commit(
             {

@@ -655,3 +655,31 @@ def test_cg_fit_exact_variances_from_a_dense_factor(monkeypatch, name, space):
     std = est.predict_std(X_test)
     assert_close(as_2d(std, m), ref.std, 1e-9)
     assert_close(as_2d(est.predict(X_test), m), ref.mean, MEAN_RTOL)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_outputs_whose_residuals_differ_in_scale_warn(solver):
+    """One noise variance for two outputs in units 100 apart: the intervals are 10
+    times too wide for the first. The fit warns with the mean squares of y less
+    the fitted mean at the training inputs, per output; standardized, they are
+    within a factor 10 and it is quiet."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 4))
+    Y = np.c_[
+        np.sin(X[:, 0]) + 0.5 * X[:, 1] + 0.1 * rng.normal(size=300),
+        100 * np.cos(X[:, 2]) + 10 * rng.normal(size=300),
+    ]
+    with pytest.warns(UserWarning, match="the 2 outputs share one noise") as record:
+        model = FiniteNTKRegressor(solver=solver, random_state=0).fit(X, Y)
+    (message,) = [str(w.message) for w in record if "share one noise" in str(w.message)]
+    low, high = (
+        float(part.split(" (output")[0]) for part in message.split("from ")[1].split(" to ")
+    )
+    expected = ((Y - model.predict(X)) ** 2).mean(0)
+    np.testing.assert_allclose([low, high], expected, rtol=2e-3)  # as printed, 3 digits
+    assert message.endswith(
+        "or fit one estimator per output (each with a network of that output alone)."
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FiniteNTKRegressor(solver=solver, normalize_y=True, random_state=0).fit(X, Y)
