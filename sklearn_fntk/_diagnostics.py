@@ -225,10 +225,10 @@ def check_output_noise(estimator, posterior, jacobian, residuals, reduction):
         "larger: the predictive intervals are too wide for the outputs with small "
         "residuals and too narrow for those with large ones. "
         + actions(
-            "" if estimator.normalize_y else "set normalize_y=True (each output "
-            "standardized)",
-            "fit one estimator per output (each with a network of that output "
-            "alone)",
+            ""
+            if estimator.normalize_y
+            else "set normalize_y=True (each output standardized)",
+            "fit one estimator per output (each with a network of that output alone)",
         )
     )
 
