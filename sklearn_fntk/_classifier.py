@@ -296,6 +296,8 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
                 network, _to_tensor(X, theta), cache=True, reduction=reduction
             )
         n_logits = jacobian.n_outputs
+        if self.network is not None:
+            self._check_logits(jacobian.outputs)
         n_rows = int(reduction.sum_float(X.shape[0])) * n_logits
         choices = self._resolve(n_rows, network.n_params, False, variance=None)
         offsets = jacobian.outputs
@@ -363,6 +365,36 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
 
         network = self._make_network(X, 1 if n_classes == 2 else n_classes, check_count)
         return classes, labels, network
+
+    def _check_logits(self, outputs):
+        """Warn where the network's outputs on X look like probabilities, not
+        logits: a final Softmax (every row in [0, 1], summing to 1) or Sigmoid (one
+        output, all of it in [0, 1], over 20 samples or more). The linearized
+        model's softmax then starts from near-uniform probabilities, and the
+        Jacobian is that of the probabilities, flat where they saturate: the
+        digits example's network with a Softmax appended gave accuracy 0.57 and NLL
+        1.36, against 0.93 and 0.23 without."""
+        n_samples, n_logits = outputs.shape
+        inside = bool(((outputs >= 0) & (outputs <= 1)).all())
+        if n_logits > 1:
+            row_sums = outputs.sum(1)
+            tolerance = 1e3 * torch.finfo(outputs.dtype).eps * n_logits
+            if not (inside and bool(((row_sums - 1).abs() <= tolerance).all())):
+                return
+            layer = "Softmax"
+        elif inside and n_samples >= 20:
+            layer = "Sigmoid"
+        else:
+            return
+        warn(
+            f"{type(self).__name__}: the network's outputs on X all lie in [0, 1]"
+            + (", each row summing to 1" if n_logits > 1 else "")
+            + f": it seems to return probabilities (a final {layer}), where "
+            "logits are needed (the classifier applies the "
+            + ("softmax" if n_logits > 1 else "sigmoid")
+            + f" itself). Remove the final {layer} layer"
+            + (", or end the network with LogSoftmax instead." if n_logits > 1 else ".")
+        )
 
     def _warn_newton(self, posterior):
         """Warn where Newton's method or its CG solves stopped short."""

@@ -407,3 +407,31 @@ def test_grid_search_over_prior(iris_names):
     ).fit(X, y)
     assert search.best_params_["finitentkclassifier__prior"] in (1.0, 100.0)
     assert set(search.predict(X)) <= set(y)
+
+
+@pytest.mark.parametrize(
+    "n_classes, last, layer",
+    [(3, torch.nn.Softmax(dim=1), "Softmax"), (2, torch.nn.Sigmoid(), "Sigmoid")],
+)
+def test_network_returning_probabilities_warns(n_classes, last, layer):
+    """A final Softmax (Sigmoid) makes the outputs probabilities, not logits; the
+    same network without it, or ending with LogSoftmax (log-probabilities are
+    logits), is quiet, as is the default network."""
+    X, y = load_iris(return_X_y=True)
+    X, y = (X - X.mean(0)) / X.std(0), y if n_classes == 3 else (y == 2).astype(int)
+    torch.manual_seed(0)
+    n_logits = 3 if n_classes == 3 else 1
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, n_logits)
+    )
+    with pytest.warns(
+        UserWarning, match=f"seems to return probabilities \\(a final {layer}\\)"
+    ):
+        FiniteNTKClassifier(torch.nn.Sequential(net, last), prior=1.0).fit(X, y)
+    quiet = [net, None] + (
+        [torch.nn.Sequential(net, torch.nn.LogSoftmax(dim=1))] if n_classes == 3 else []
+    )
+    for network in quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            FiniteNTKClassifier(network, prior=1.0, random_state=0).fit(X, y)
