@@ -33,6 +33,9 @@ from ._stages import NO_STAGES
 LINEARIZATION_CACHE_BYTES = 1 << 30
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# X keeps these dtypes through validation (integers for networks that take indices,
+# see FunctionalNetwork.adopt_inputs); others become float64.
+_INPUT_DTYPES = [np.float64, np.float32, np.int64, np.int32, np.int16, np.int8, np.uint8]
 
 
 def _as_array(values):
@@ -170,7 +173,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
                 _as_array(X),
                 _as_array(y),
                 allow_nd=True,
-                dtype=[np.float64, np.float32],
+                dtype=_INPUT_DTYPES,
                 **kwargs,
             )
             seen = {key: self.__dict__[key] for key in names if key in self.__dict__}
@@ -204,7 +207,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
     def _validate_predict_X(self, X):
         """Validated X for prediction, as a tensor of the fitted dtype and device."""
         X = validate_data(
-            self, _as_array(X), reset=False, allow_nd=True, dtype=[np.float64, np.float32]
+            self, _as_array(X), reset=False, allow_nd=True, dtype=_INPUT_DTYPES
         )
         if X.shape[1:] != self.input_shape_:
             raise ValueError(
@@ -212,7 +215,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
                 f"{type(self).__name__} was fitted with per-sample shape "
                 f"{self.input_shape_}."
             )
-        return self._tensor(X)
+        return self._network.inputs(X)
 
     def _check_device(self):
         reason = unavailable_device(self.device)
@@ -258,9 +261,8 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
         network = FunctionalNetwork(
             module, self.parameters, dtype=self._torch_dtype, device=self.device
         )
-        sample = _to_tensor(X[:2], network.theta)
         try:
-            raw = network.probe(sample.clone())  # it may write to its input
+            raw = network.adopt_inputs(X)
         except NetworkOutputError:
             raise
         except Exception as error:
@@ -269,6 +271,7 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
                 f"{X.shape[1:]}{_input_hint(network.module)}: "
                 f"{type(error).__name__}: {error}"
             ) from error
+        sample = network.inputs(X[:2])
         b = sample.shape[0]
         if raw.ndim not in (1, 2) or raw.shape[0] != b:
             hint = ""

@@ -266,6 +266,8 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         ----------
         X : array-like of shape (n_samples, ...)
             Inputs in the shape the network takes (2-D features or n-D images).
+            Integer X goes to a network that takes no floats (an Embedding first)
+            as int64 indices, and to others as floats.
         y : array-like of shape (n_samples,)
             Class labels, any sortable values.
         sample_weight : array-like of shape (n_samples,), default=None
@@ -293,7 +295,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         check_same_parameters(reduction, theta)
         with stages("linearization", samples=X.shape[0], parameters=network.n_params):
             jacobian = self._training_jacobian(
-                network, _to_tensor(X, theta), cache=True, reduction=reduction
+                network, network.inputs(X), cache=True, reduction=reduction
             )
         n_logits = jacobian.n_outputs
         if self.network is not None:

@@ -332,6 +332,8 @@ class FiniteNTKRegressor(
         ----------
         X : array-like of shape (n_samples, ...)
             Inputs in the shape the network takes (2-D features or n-D images).
+            Integer X goes to a network that takes no floats (an Embedding first)
+            as int64 indices, and to others as floats.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Targets, one column per output of the network.
         sample_weight : array-like of shape (n_samples,), default=None
@@ -358,7 +360,7 @@ class FiniteNTKRegressor(
                 X, y, sample_weight, multi_output=True, y_numeric=True
             )
             network, choices = self._network_and_choices(X, y, reduction)
-            X = _to_tensor(X, network.theta)  # one copy, shared by kernel and products
+            X = network.inputs(X)  # one copy, shared by kernel and products
         Y = y.reshape(y.shape[0], -1)
         n_outputs = Y.shape[1]
         theta = network.theta

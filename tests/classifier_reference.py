@@ -25,7 +25,8 @@ def linearize(module, X):
     shapes = [params[name].shape for name in names]
     sizes = [params[name].numel() for name in names]
     theta = torch.cat([params[name].detach().reshape(-1) for name in names])
-    X = torch.as_tensor(X, dtype=torch.float64)
+    X = np.asarray(X)  # int64 indices for networks that take tokens
+    X = torch.as_tensor(X if X.dtype.kind in "iu" else X.astype(np.float64))
 
     def logits(w):
         pieces = torch.split(w, sizes)

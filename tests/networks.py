@@ -18,6 +18,30 @@ def cnn(seed=0):
     )
 
 
+class TokenBag(nn.Module):
+    """Embedding(20, 4) of each of a sample's integer tokens, averaged, then Tanh and
+    Linear: a network that takes indices, not floats (p = 80 + 4·n_out + n_out)."""
+
+    def __init__(self, n_out=1, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embedding = nn.Embedding(20, 4)
+        self.out = nn.Linear(4, n_out)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.embedding(tokens).mean(1)))
+
+
+def token_data(n=30, m=20, length=5, n_outputs=1, seed=0):
+    """(X, Y, X_test): integer token arrays (n, length) of 20 tokens, Y (n, n_outputs)."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, 20, size=(n, length))
+    X_test = rng.integers(0, 20, size=(m, length))
+    weights = rng.normal(size=(20, n_outputs))
+    Y = np.tanh(weights[X].mean(1)) + 0.1 * rng.normal(size=(n, n_outputs))
+    return X, Y, X_test
+
+
 def batchnorm_dropout_net(seed=0):
     """Linear - BatchNorm1d - Tanh - Dropout - Linear, left in *train* mode.
 

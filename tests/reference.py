@@ -88,7 +88,10 @@ def _selected_names(module, parameters):
 
 
 def _as_tensor(X):
-    return torch.as_tensor(np.asarray(X, dtype=np.float64))
+    """X in float64, or int64 indices where its values are integers (networks that
+    take tokens; the test networks for features get floats)."""
+    X = np.asarray(X)
+    return torch.as_tensor(X if X.dtype.kind in "iu" else X.astype(np.float64))
 
 
 def reference_jacobian(module, X, parameters=None):

@@ -14,7 +14,7 @@ from classifier_reference import (
     newton_map,
     probit_proba,
 )
-from networks import cnn
+from networks import TokenBag, cnn, token_data
 from sklearn.datasets import load_iris
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
@@ -82,6 +82,19 @@ def reference_case(request):
     net = mlp(n_out=n_logits)
     reference = laplace_reference(net, X, y, X_test, prior=2.0)
     return net, X, y, X_test, reference
+
+
+@pytest.fixture(scope="module")
+def token_case():
+    """The same for a network that takes integer tokens (an Embedding first)."""
+    X, Y, X_test = token_data(n=60, n_outputs=3, seed=7)
+    y, net = NAMES[Y.argmax(1)], TokenBag(n_out=3, seed=7)
+    return net, X, y, X_test, laplace_reference(net, X, y, X_test, prior=2.0)
+
+
+@pytest.mark.parametrize("path", list(PATHS)[:4])
+def test_integer_tokens_match_dense_reference(token_case, path):
+    test_matches_dense_reference(token_case, path)
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from networks import batchnorm_dropout_net, mlp, regression_data
+from networks import TokenBag, batchnorm_dropout_net, mlp, regression_data, token_data
 from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
@@ -241,3 +241,20 @@ def test_another_wrapper_holding_a_module_is_refused_naming_it(data):
     # anything else gets scikit-learn's parameter error, unchanged
     with pytest.raises(ValueError, match="The 'network' parameter of FiniteNTKRegressor"):
         FiniteNTKRegressor("mlp").fit(X, y)
+
+
+def test_integer_inputs():
+    """Integer X goes to a network for features as floats, and as int64 indices to
+    one that takes only those (an Embedding first); such a network then needs
+    integer values at prediction."""
+    X, Y, X_test = token_data(seed=8)
+    reg = FiniteNTKRegressor(TokenBag(), noise=0.1, prior=1.0).fit(X, Y[:, 0])
+    np.testing.assert_array_equal(reg.predict(X_test.astype(float)), reg.predict(X_test))
+    pattern = "The network takes integer indices as input .* X has non-integer values"
+    with pytest.raises(ValueError, match=pattern):
+        reg.predict(X_test + 0.5)
+    counts = FiniteNTKRegressor(mlp(n_in=5), noise=0.1, prior=1.0).fit(X, Y[:, 0])
+    as_floats = FiniteNTKRegressor(mlp(n_in=5), noise=0.1, prior=1.0).fit(X * 1.0, Y[:, 0])
+    np.testing.assert_array_equal(counts.predict(X_test), as_floats.predict(X_test))
+    with pytest.raises(ValueError, match="cannot be applied to X .* expects 3 input"):
+        FiniteNTKRegressor(mlp(n_in=3), noise=0.1, prior=1.0).fit(X, Y[:, 0])

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from networks import (
+    TokenBag,
     batchnorm_dropout_net,
     cnn,
     mlp,
     regression_data,
+    token_data,
 )
 from reference import RelativeErrors, reference_jacobian, reference_posterior
 from sklearn.metrics import r2_score
@@ -64,10 +66,13 @@ def case(name):
     if name == "batchnorm":
         X, Y, X_test = regression_data(seed=5)
         return batchnorm_dropout_net(seed=5), X, Y[:, 0], X_test, None
+    if name == "tokens":  # integer X, taken as indices
+        X, Y, X_test = token_data(n_outputs=2, seed=6)
+        return TokenBag(n_out=2, seed=6), X, Y, X_test, None
     raise KeyError(name)
 
 
-CASES = ["single", "multi3", "cnn", "last_layer", "batchnorm"]
+CASES = ["single", "multi3", "cnn", "last_layer", "batchnorm", "tokens"]
 
 
 @functools.cache

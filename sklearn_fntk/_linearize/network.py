@@ -17,6 +17,7 @@ earlier need no lock.
 import copy
 import threading
 
+import numpy as np
 import torch
 from torch.func import functional_call
 
@@ -57,6 +58,9 @@ class FunctionalNetwork:
         the module writes to its input (``x -= m``, ``ReLU(inplace=True)`` first):
         the training inputs are evaluated many times, and torch.func's transforms
         refuse to let a function write to a tensor it did not create.
+    input_dtype : torch.dtype
+        The dtype :meth:`inputs` gives X: ``dtype``, or int64 for a module that
+        takes integer indices (an Embedding first; see :meth:`adopt_inputs`).
     """
 
     def __init__(self, module, parameters=None, *, dtype, device):
@@ -87,6 +91,7 @@ class FunctionalNetwork:
         self.sizes = [named[name].numel() for name in self.names]
         self.theta = torch.cat([named[name].detach().reshape(-1) for name in self.names])
         self.copies_input = False
+        self.input_dtype = self.theta.dtype
 
     @property
     def n_params(self):
@@ -139,6 +144,54 @@ class FunctionalNetwork:
             out = self._apply(self.theta, X)
         self.copies_input = self.copies_input or X._version != version
         return out
+
+    def inputs(self, X):
+        """A copy of the array X as a tensor of ``input_dtype`` on the network's
+        device, never a view of the caller's memory (a module may write to its
+        input).
+
+        Raises
+        ------
+        ValueError
+            When the module takes integer indices and X has other values.
+        """
+        X = np.asarray(X)
+        if X.dtype.kind not in "biuf":
+            raise TypeError(f"Expected numeric values, got an array of dtype {X.dtype}.")
+        if self.input_dtype == torch.long and X.dtype.kind not in "iu":
+            if not np.array_equal(X, np.round(X)):
+                raise ValueError(
+                    "The network takes integer indices as input (it was fitted on "
+                    "integer X that it cannot take as floats), but X has non-integer "
+                    "values."
+                )
+        return torch.tensor(
+            np.ascontiguousarray(X), dtype=self.input_dtype, device=self.theta.device
+        )
+
+    def adopt_inputs(self, X):
+        """The module's output (:meth:`probe`) on the first two samples of X, passed
+        as ``input_dtype``; integer X that the module cannot take as floats but can
+        as int64 indices (an Embedding first) sets ``input_dtype`` to int64.
+
+        Raises
+        ------
+        Exception
+            The module's error on X as floats, where int64 does not serve either.
+        """
+        try:
+            return self.probe(self.inputs(X[:2]))
+        except NetworkOutputError:
+            raise
+        except Exception:
+            if np.asarray(X).dtype.kind not in "iu":
+                raise
+            self.input_dtype = torch.long
+            try:
+                return self.probe(self.inputs(X[:2]))
+            except Exception:
+                self.input_dtype = self.theta.dtype
+            raise
 
     def single(self, w, x):
         """``f(w, x)`` for one sample ``x`` (no batch axis): shape (k,)."""
