@@ -8,9 +8,11 @@ parameter to change.
 """
 
 import math
+from numbers import Real
 
 import torch
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import Interval, validate_parameter_constraints
 from sklearn.utils.validation import check_is_fitted
 
 from ._diagnostics import warn
@@ -149,16 +151,21 @@ class LaplaceFitMixin:
         )
 
     @full_float32_precision
-    def log_marginal_likelihood(self, return_std_error=False):
-        """Laplace approximation of log p(y | X, ``prior_``) of the fitted model.
+    def log_marginal_likelihood(self, prior=None, return_std_error=False):
+        """Laplace approximation of log p(y | X, prior) of the linearized model.
 
-        -L(δ̂) - ½ log|I + s·JᵀΛJ| at the MAP δ̂, s = ``prior_`` (see the user
-        guide). With the dense solver it is exact; with CG the log-determinant is a
-        stochastic Lanczos quadrature estimate (the one ``prior="auto"`` maximised, if
-        it ran).
+        -L(δ̂) - ½ log|I + s·JᵀΛJ| at the MAP δ̂ for the prior variance s (see the
+        user guide). With the dense solver it is exact; with CG the
+        log-determinant is a stochastic Lanczos quadrature estimate, with the
+        probes ``prior="auto"`` used (the same at every s).
 
         Parameters
         ----------
+        prior : float or None, default=None
+            s; None means ``prior_``. At another s the MAP is found again (Newton's
+            method from ``delta_``, on the training data this estimator keeps), and
+            the fitted state does not change: an evidence curve over priors, as
+            GaussianProcessClassifier's ``log_marginal_likelihood(theta)`` gives.
         return_std_error : bool, default=False
             Also return the standard error of the estimate over its probes (0 with
             the dense solver).
@@ -171,9 +178,24 @@ class LaplaceFitMixin:
             With ``return_std_error``: its standard error.
         """
         check_is_fitted(self)
-        evidence = self._evidence
-        if evidence is None:  # computed here, not stored: predictions stay read-only
-            evidence = self._laplace_evidence(self._posterior)
+        validate_parameter_constraints(
+            {"prior": [Interval(Real, 0, None, closed="neither"), None]},
+            {"prior": prior},
+            caller_name="log_marginal_likelihood",
+        )
+        if prior is None or prior == self.prior_:
+            evidence = self._evidence
+            if evidence is None:  # computed here, not stored: predictions read-only
+                evidence = self._laplace_evidence(self._posterior)
+        else:
+            fitted = self._posterior
+            posterior = fitted.at_prior(float(prior)).fit(
+                start=fitted.delta,
+                gram=fitted.gram,
+                generator=self._generator(fitted.delta.device),
+            )
+            self._warn_newton(posterior)
+            evidence = self._laplace_evidence(posterior)
         value = evidence.log_marginal_likelihood
         return (value, evidence.std_error / 2) if return_std_error else value
 

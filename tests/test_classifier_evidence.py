@@ -83,6 +83,22 @@ def test_evidence_and_its_derivative_match_reference(case, space, prior):
 
 
 @pytest.mark.parametrize("space", list(DENSE))
+def test_evidence_at_other_priors_matches_reference(case, space):
+    """log_marginal_likelihood(prior=s) refits the MAP at s (from delta_) and leaves
+    the fitted state as it was: an evidence curve, to 1e-10 of the reference's."""
+    clf = FiniteNTKClassifier(case["net"], tol=1e-12, **DENSE[space])
+    clf.fit(case["X"], case["y"])
+    delta, fitted = clf.delta_.clone(), clf.log_marginal_likelihood()
+    for prior in (0.3, 4.0, clf.prior_):
+        value, _ = laplace_log_evidence(*case["reference"], prior)
+        assert clf.log_marginal_likelihood(prior) == pytest.approx(value, rel=1e-10)
+    assert fitted == pytest.approx(value, rel=1e-10)
+    assert torch.equal(clf.delta_, delta) and clf.log_marginal_likelihood() == fitted
+    with pytest.raises(ValueError, match="The 'prior' parameter of log_marginal"):
+        clf.log_marginal_likelihood(0.0)
+
+
+@pytest.mark.parametrize("space", list(DENSE))
 def test_weighted_evidence_matches_reference(case, space):
     """Sample weights scale each sample's log-likelihood, gradient and curvature."""
     clf = FiniteNTKClassifier(case["net"], prior=2.0, tol=1e-12, **DENSE[space])
@@ -143,6 +159,11 @@ def test_stochastic_evidence_within_its_standard_error(case, space):
     assert abs(estimate - value) <= 4 * std_error
     # the same seed, the same probes: the estimate is reproducible
     assert clf.log_marginal_likelihood() == estimate
+    # and at another prior (the MAP found again there)
+    value, _ = laplace_log_evidence(*case["reference"], 0.5)
+    estimate, std_error = clf.log_marginal_likelihood(0.5, return_std_error=True)
+    assert 0 < std_error < 0.5
+    assert abs(estimate - value) <= 4 * std_error
 
 
 @pytest.mark.parametrize("space", list(CG))

@@ -90,6 +90,9 @@ def test_pickled_sharded_fit_predicts_in_a_plain_process(sharded, name):
     else:
         np.testing.assert_array_equal(model.predict_proba(X_test), result["proba"])
         assert model.log_marginal_likelihood() == result["log_evidence"]
+        # another prior needs a fit on every shard
+        with pytest.raises(RuntimeError, match="fitted data-parallel over 2 processes"):
+            model.log_marginal_likelihood(2 * model.prior_)
 
 
 @pytest.fixture(scope="module")

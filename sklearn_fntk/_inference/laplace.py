@@ -160,6 +160,22 @@ class LaplacePosterior:
         one_hot = torch.nn.functional.one_hot(labels, n_classes).to(offsets.dtype)
         self._targets = one_hot[:, n_classes - self.n_logits :]
 
+    def at_prior(self, prior):
+        """An unfitted posterior of the same data and settings at prior ``prior``."""
+        return LaplacePosterior(
+            self.jacobian,
+            self.offsets,
+            self.labels,
+            weights=self.weights,
+            n_classes=self.n_classes,
+            prior=prior,
+            choices=self.choices,
+            policy=self.policy,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            max_newton_iter=self.max_newton_iter,
+        )
+
     def fit(self, *, start=None, gram=None, generator=None, stages=NO_STAGES):
         """Find the MAP by Newton's method and build H there.
 
