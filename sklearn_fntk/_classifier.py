@@ -299,7 +299,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
             )
         n_logits = jacobian.n_outputs
         if self.network is not None:
-            self._check_logits(jacobian.outputs)
+            self._check_logits(jacobian.outputs, network.module)
         n_rows = int(reduction.sum_float(X.shape[0])) * n_logits
         choices = self._resolve(n_rows, network.n_params, False, variance=None)
         offsets = jacobian.outputs
@@ -368,15 +368,16 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         network = self._make_network(X, 1 if n_classes == 2 else n_classes, check_count)
         return classes, labels, network
 
-    def _check_logits(self, outputs):
+    def _check_logits(self, outputs, module):
         """Warn where the network's outputs on X look like probabilities, not
-        logits: a final Softmax (every row in [0, 1], summing to 1) or Sigmoid (one
-        output, all of it in [0, 1], over 20 samples or more). The linearized
+        logits: a final Softmax (every row in [0, 1], summing to 1) or, for one
+        output, a last module that is a Sigmoid (a range alone says too little
+        there). The linearized
         model's softmax then starts from near-uniform probabilities, and the
         Jacobian is that of the probabilities, flat where they saturate: the
         digits example's network with a Softmax appended gave accuracy 0.57 and NLL
         1.36, against 0.93 and 0.23 without."""
-        n_samples, n_logits = outputs.shape
+        n_logits = outputs.shape[1]
         inside = bool(((outputs >= 0) & (outputs <= 1)).all())
         if n_logits > 1:
             row_sums = outputs.sum(1)
@@ -384,7 +385,7 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
             if not (inside and bool(((row_sums - 1).abs() <= tolerance).all())):
                 return
             layer = "Softmax"
-        elif inside and n_samples >= 20:
+        elif inside and isinstance(list(module.modules())[-1], torch.nn.Sigmoid):
             layer = "Sigmoid"
         else:
             return
