@@ -372,11 +372,10 @@ class FiniteNTKClassifier(ClassifierMixin, LaplaceFitMixin, FiniteNTKBase):
         """Warn where the network's outputs on X look like probabilities, not
         logits: a final Softmax (every row in [0, 1], summing to 1) or, for one
         output, a last module that is a Sigmoid (a range alone says too little
-        there). The linearized
-        model's softmax then starts from near-uniform probabilities, and the
-        Jacobian is that of the probabilities, flat where they saturate: the
-        digits example's network with a Softmax appended gave accuracy 0.57 and NLL
-        1.36, against 0.93 and 0.23 without."""
+        there). The linearized model's softmax then starts from near-uniform
+        probabilities, and the Jacobian is that of the probabilities, flat where
+        they saturate: the digits example's network with a Softmax appended gave
+        accuracy 0.57 and NLL 1.36, against 0.93 and 0.23 without."""
         n_logits = outputs.shape[1]
         inside = bool(((outputs >= 0) & (outputs <= 1)).all())
         if n_logits > 1:
