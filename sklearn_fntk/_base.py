@@ -192,14 +192,15 @@ class FiniteNTKBase(DevicePersistence, BaseEstimator):
         keep = sample_weight > 0
         return X[keep], y[keep], sample_weight[keep], seen
 
-    def _targets(self, Y, theta):
-        """Y as a tensor like θ, checked to fit its dtype's range."""
-        targets = _to_tensor(Y, theta)
+    def _targets(self, values, theta, y):
+        """``values``, a float64 tensor formed from the targets ``y``, rounded to θ's
+        dtype, checked to fit its range."""
+        targets = values.to(theta.dtype)
         if not bool(torch.isfinite(targets).all()):
             raise ValueError(
-                f"y has values up to {float(np.abs(Y).max()):.3g}, beyond the range "
+                f"y has values up to {float(np.abs(y).max()):.3g}, beyond the range "
                 f"of {self.dtype} (largest {torch.finfo(theta.dtype).max:.3g}). "
-                "Rescale y (for example with TransformedTargetRegressor), or use "
+                "Rescale y (normalize_y=True, or TransformedTargetRegressor), or use "
                 "dtype='float64'."
             )
         return targets

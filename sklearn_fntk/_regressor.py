@@ -139,10 +139,12 @@ class FiniteNTKRegressor(
         Seeds the default network's initialisation, the Nyström sketches, the
         Lanczos probes and the random restarts of the evidence maximisation.
     normalize_y : bool, default=False
-        Standardize each output of y (its mean and std over the training samples)
-        before fitting, as GaussianProcessRegressor's ``normalize_y``; with
-        ``prior_mean="network"`` the network's outputs are standardized alike, so
-        the model is unchanged up to the units of noise and prior. Predictive
+        Standardize each output of y (its mean and std over the training samples,
+        weighted by ``sample_weight`` as repeated samples) before fitting, as
+        GaussianProcessRegressor's ``normalize_y``, in float64 whatever the
+        ``dtype`` (a small signal on a large offset keeps its digits in float32);
+        with ``prior_mean="network"`` the network's outputs are standardized
+        alike, so the model is unchanged up to the units of noise and prior. Predictive
         means, stds, covariances and samples come back in y's units; ``noise``,
         ``noise_``, ``prior_`` and the log marginal likelihood are those of the
         standardized y. This is the way to a std in y's units for targets of any
@@ -398,14 +400,15 @@ class FiniteNTKRegressor(
                 layerwise=(iterative or blocks) and self._layerwise(network),
             )
         # r = y - m(X), with m(X) = f_θ(X) or 0, scaled like J's rows; with
-        # normalize_y, y and f_θ(X) in standardized units
-        targets = self._targets(Y, theta)
-        y_mean, y_scale = self._target_scaling(targets, reduction)
+        # normalize_y, y and f_θ(X) in standardized units. Formed in float64 and
+        # rounded to the dtype once: standardized first, a small signal on a large
+        # offset keeps its digits in float32.
+        targets = torch.as_tensor(Y, dtype=torch.float64, device=theta.device)
+        y_mean, y_scale = self._target_scaling(targets, sample_weight, reduction)
         targets = (targets - y_mean) / y_scale
-        scaled_targets = scale_rows(targets, row_scale)
-        outputs = (jacobian.outputs - y_mean) / y_scale
+        outputs = (jacobian.outputs.to(torch.float64) - y_mean) / y_scale
         residuals = targets - outputs if self.prior_mean == "network" else targets
-        residuals = scale_rows(residuals, row_scale)
+        residuals = scale_rows(self._targets(residuals, theta, Y), row_scale)
         noise, prior, gram, evidence, lml_value = self.noise, self.prior, None, None, None
         dof = math.inf
         if "auto" in (noise, prior):
@@ -428,7 +431,7 @@ class FiniteNTKRegressor(
             max_iter=self.max_iter,
         )
         posterior.fit(gram=gram, generator=self._generator(self.device), stages=stages)
-        scale = reduction.sum_float(scaled_targets.square().sum()) ** 0.5
+        scale = reduction.sum_float(scale_rows(targets, row_scale).square().sum()) ** 0.5
         check_regression_solve(self, posterior, scale)
         check_low_rank_variance(choices.variance, posterior)
         check_output_noise(self, posterior, jacobian, residuals, reduction)
@@ -488,15 +491,19 @@ class FiniteNTKRegressor(
         )
         return network, choices
 
-    def _target_scaling(self, targets, reduction):
-        """(mean, std) of each column of ``targets`` (n, k) over all shards with
+    def _target_scaling(self, targets, sample_weight, reduction):
+        """(mean, std) of each column of ``targets`` (n, k) over all shards, weighted
+        by ``sample_weight`` ((n,) or None: all 1) as repeated samples would be, with
         ``normalize_y`` (a std of 0 counts as 1), else (0, 1): y in model units is
         (y - mean)/std."""
         if not self.normalize_y:
             return torch.zeros_like(targets[0]), torch.ones_like(targets[0])
-        n = reduction.sum_float(targets.shape[0])
-        mean = reduction.sum(targets.sum(dim=0)) / n
-        std = torch.sqrt(reduction.sum(((targets - mean) ** 2).sum(dim=0)) / n)
+        weights = torch.ones_like(targets[:, 0])
+        if sample_weight is not None:
+            weights = _to_tensor(sample_weight, targets)
+        total = reduction.sum_float(weights.sum())
+        mean = reduction.sum(weights @ targets) / total
+        std = torch.sqrt(reduction.sum(weights @ (targets - mean) ** 2) / total)
         return mean, torch.where(std > 0, std, torch.ones_like(std))
 
     def _mean(self, X, stages=NO_STAGES):

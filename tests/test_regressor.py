@@ -364,6 +364,25 @@ def test_float32_agrees_loosely(name, space, solver):
     np.testing.assert_allclose(est.log_marginal_likelihood(), ref.lml, rtol=1e-3)
 
 
+def test_float32_normalize_y_keeps_a_small_signal_on_a_large_offset():
+    """normalize_y standardizes y before it is rounded to float32, and adds the
+    offset back in float64: y = 1e6 + 0.1·signal keeps float32's relative accuracy
+    in the signal's units. Rounded first, y and the predicted means were multiples
+    of 0.0625 (ε₃₂·1e6), about the signal's std."""
+    X, Y, X_test = regression_data(n=60)
+    y = 1e6 + 0.1 * Y[:, 0]
+    loc, scale = y.mean(), y.std()
+    options = dict(noise=NOISE, prior=PRIOR, prior_mean="zero", normalize_y=True)
+    model = FiniteNTKRegressor(mlp(), dtype="float32", **options).fit(X, y)
+    mean, std = model.predict(X_test, return_std=True)
+    ref = reference_posterior(
+        mlp(), X, (y - loc) / scale, X_test, noise=NOISE, prior=PRIOR, prior_mean="zero"
+    )
+    expected = ref.mean[:, 0] * scale + loc
+    np.testing.assert_allclose(mean, expected, rtol=0, atol=1e-3 * scale)
+    np.testing.assert_allclose(std, ref.std[:, 0] * scale, rtol=1e-3)
+
+
 @pytest.mark.parametrize("space", ["function", "parameter"])
 @pytest.mark.parametrize("name", ["multi3", "cnn"])
 def test_cg_with_default_preconditioner(name, space):

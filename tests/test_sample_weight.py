@@ -214,12 +214,13 @@ def test_scaled_products_match_explicit_jacobian():
 # -- integer weights, zero weights, unit weights ------------------------------------------
 
 
-def _equivalent_fits(name, space, solver, w, X_equivalent, y_equivalent):
+def _equivalent_fits(name, space, solver, w, X_equivalent, y_equivalent, **params):
     """(mean, std, log evidence) of the fit with weights w and of the plain fit on
-    (X_equivalent, y_equivalent)."""
+    (X_equivalent, y_equivalent), both with ``params``."""
     net, X, y, X_test, _ = case(name)
-    weighted = regressor(net, space=space, solver=solver).fit(X, y, sample_weight=w)
-    plain = regressor(net, space=space, solver=solver).fit(X_equivalent, y_equivalent)
+    params.update(space=space, solver=solver)
+    weighted = regressor(net, **params).fit(X, y, sample_weight=w)
+    plain = regressor(net, **params).fit(X_equivalent, y_equivalent)
     return [
         (*est.predict(X_test, return_std=True), est.log_marginal_likelihood())
         for est in (weighted, plain)
@@ -235,6 +236,20 @@ def test_integer_weights_are_repeated_rows(name, space, solver):
     weighted, repeated = _equivalent_fits(
         name, space, solver, w, np.repeat(X, w, axis=0), np.repeat(y, w, axis=0)
     )
+    assert_close("repeat", weighted[0], repeated[0], 1e-9)
+    assert_close("repeat", weighted[1], repeated[1], 1e-9)
+
+
+@pytest.mark.parametrize("prior_mean", ["network", "zero"])
+def test_integer_weights_are_repeated_rows_with_normalize_y(prior_mean):
+    """normalize_y standardizes y by its weighted mean and std, those of the
+    repeated rows (unweighted, the std differed by 5% and the mean by 2e-3)."""
+    _, X, y, _, _ = case("single")
+    w = np.random.default_rng(5).integers(1, 8, size=len(X))
+    weighted, repeated = _equivalent_fits(
+        "single", "function", "dense", w, np.repeat(X, w, axis=0),
+        np.repeat(y, w, axis=0), normalize_y=True, prior_mean=prior_mean,
+    )  # fmt: skip
     assert_close("repeat", weighted[0], repeated[0], 1e-9)
     assert_close("repeat", weighted[1], repeated[1], 1e-9)
 
