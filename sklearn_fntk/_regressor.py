@@ -17,6 +17,7 @@ from ._diagnostics import (
     check_finite,
     check_low_rank_variance,
     check_output_noise,
+    check_output_rounding,
     check_regression_solve,
     warn,
 )
@@ -435,6 +436,7 @@ class FiniteNTKRegressor(
         check_regression_solve(self, posterior, scale)
         check_low_rank_variance(choices.variance, posterior)
         check_output_noise(self, posterior, jacobian, residuals, reduction)
+        check_output_rounding(self, posterior, jacobian.outputs, y_scale, reduction)
         detach(reduction, jacobian)
         self._commit(
             {
