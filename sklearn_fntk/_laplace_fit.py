@@ -162,10 +162,11 @@ class LaplaceFitMixin:
         Parameters
         ----------
         prior : float or None, default=None
-            s; None means ``prior_``. At another s the MAP is found again (Newton's
-            method from ``delta_``, on the training data this estimator keeps), and
-            the fitted state does not change: an evidence curve over priors, as
-            GaussianProcessClassifier's ``log_marginal_likelihood(theta)`` gives.
+            The prior variance s; None means ``prior_``. At another s the MAP is
+            found again (Newton's method from ``delta_``, on the training data this
+            estimator keeps), and the fitted state does not change: an evidence
+            curve over priors, as GaussianProcessClassifier's
+            ``log_marginal_likelihood(theta)`` gives.
         return_std_error : bool, default=False
             Also return the standard error of the estimate over its probes (0 with
             the dense solver).

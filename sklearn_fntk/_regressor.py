@@ -404,7 +404,7 @@ class FiniteNTKRegressor(
         # normalize_y, y and f_θ(X) in standardized units. Formed in float64 and
         # rounded to the dtype once: standardized first, a small signal on a large
         # offset keeps its digits in float32.
-        targets = torch.as_tensor(Y, dtype=torch.float64, device=theta.device)
+        targets = torch.tensor(Y, dtype=torch.float64, device=theta.device)  # a copy
         y_mean, y_scale = self._target_scaling(targets, sample_weight, reduction)
         targets = (targets - y_mean) / y_scale
         outputs = (jacobian.outputs.to(torch.float64) - y_mean) / y_scale
