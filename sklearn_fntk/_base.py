@@ -23,7 +23,12 @@ from ._linalg.memory import available_bytes
 from ._linalg.reduction import LOCAL
 from ._linearize.jacobian import JacobianProducts, outputs_and_jvp
 from ._linearize.layerwise import LayerwiseKernel, supports_structured
-from ._linearize.network import FunctionalNetwork, NetworkOutputError, default_mlp
+from ._linearize.network import (
+    FunctionalNetwork,
+    NetworkOutputError,
+    default_mlp,
+    tensor_copy,
+)
 from ._persistence import DevicePersistence, unavailable_device
 from ._progress import stages_for
 from ._sharding import fit_reduction
@@ -47,15 +52,8 @@ def _as_array(values):
 
 
 def _to_tensor(array, like):
-    """A copy of ``array`` with the dtype and device of the tensor ``like``.
-
-    Always a copy, never a view of the caller's memory: a network that writes to
-    its input must not write to the caller's array.
-    """
-    array = np.asarray(array)
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"Expected numeric values, got an array of dtype {array.dtype}.")
-    return torch.tensor(np.ascontiguousarray(array), dtype=like.dtype, device=like.device)
+    """A copy of ``array`` with the dtype and device of the tensor ``like``."""
+    return tensor_copy(array, like.dtype, like.device)
 
 
 def _input_hint(module):

@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-__all__ = ["NETWORK_LOCK", "FunctionalNetwork", "NetworkOutputError", "default_mlp"]
+__all__ = [
+    "NETWORK_LOCK",
+    "FunctionalNetwork",
+    "NetworkOutputError",
+    "default_mlp",
+    "tensor_copy",
+]
 
 # Held by every call of a module through ``functional_call`` and every forward-mode
 # section; reentrant, since a forward-mode section calls the network.
@@ -156,8 +162,6 @@ class FunctionalNetwork:
             When the module takes integer indices and X has other values.
         """
         X = np.asarray(X)
-        if X.dtype.kind not in "biuf":
-            raise TypeError(f"Expected numeric values, got an array of dtype {X.dtype}.")
         if self.input_dtype == torch.long and X.dtype.kind not in "iu":
             if not np.array_equal(X, np.round(X)):
                 raise ValueError(
@@ -165,9 +169,7 @@ class FunctionalNetwork:
                     "integer X that it cannot take as floats), but X has non-integer "
                     "values."
                 )
-        return torch.tensor(
-            np.ascontiguousarray(X), dtype=self.input_dtype, device=self.theta.device
-        )
+        return tensor_copy(X, self.input_dtype, self.theta.device)
 
     def adopt_inputs(self, X):
         """The module's output (:meth:`probe`) on the first two samples of X, passed
@@ -196,6 +198,16 @@ class FunctionalNetwork:
     def single(self, w, x):
         """``f(w, x)`` for one sample ``x`` (no batch axis): shape (k,)."""
         return self(w, x.unsqueeze(0))[0]
+
+
+def tensor_copy(array, dtype, device):
+    """A copy of the numeric ``array`` as a tensor of ``dtype`` on ``device``, never a
+    view of the caller's memory (a network that writes to its input must not write
+    to the caller's array)."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"Expected numeric values, got an array of dtype {array.dtype}.")
+    return torch.tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
 
 
 def default_mlp(n_features, n_outputs, *, hidden=(64, 64), seed=0):
